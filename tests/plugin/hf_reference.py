@@ -1,0 +1,54 @@
+"""Independent reference for ICV application: HF transformers, fp32, greedy,
+a forward hook on every decoder layer's MLP implementing ICV_METHOD.md §2
+token by token. Shares no code with the plugin or the kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+
+def shift(x: torch.Tensor, directions: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """x' = ||x|| normalize(x/||x|| + 1/K sum lam (1 + max(0, cos(x, -v))) v/||v||)."""
+    norm = x.norm(dim=-1, keepdim=True)
+    total = torch.zeros_like(x)
+    for v, lam in directions:
+        cos = F.cosine_similarity(x, -v.expand_as(x), dim=-1).unsqueeze(-1)
+        total = total + lam * (1 + cos.clamp(min=0)) * F.normalize(v, dim=-1)
+    return norm * F.normalize(x / norm + total / len(directions), dim=-1)
+
+
+class HFReference:
+    def __init__(self, model_dir: str):
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self._directions: list[tuple[torch.Tensor, float]] = []
+        for index, layer in enumerate(self.model.model.layers):
+            layer.mlp.register_forward_hook(self._hook(index))
+
+    def _hook(self, index: int):
+        def hook(module, inputs, output):
+            if not self._directions:
+                return output
+            layer_dirs = [(v[index].float(), lam) for v, lam in self._directions]
+            return shift(output.float(), layer_dirs).to(output.dtype)
+        return hook
+
+    @torch.no_grad()
+    def greedy(self, prompt_ids: list[int], vectors: list[tuple[torch.Tensor, float]],
+               max_tokens: int) -> list[int]:
+        """Greedy continuation of exactly ``max_tokens`` (EOS ignored, as the
+        engine runs with ignore_eos), recomputing the whole sequence each step
+        (no KV cache: nothing shared with how vLLM reuses state)."""
+        self._directions = vectors
+        try:
+            ids = list(prompt_ids)
+            out = []
+            for _ in range(max_tokens):
+                logits = self.model(torch.tensor([ids])).logits[0, -1]
+                token = int(logits.argmax())
+                out.append(token)
+                ids.append(token)
+            return out
+        finally:
+            self._directions = []

@@ -1,0 +1,153 @@
+"""End-to-end: vLLM with the plugin vs an independent HF reference.
+
+One engine per (model, mode), each in its own process; every engine runs a
+mixed batch, the same requests one at a time, an all-unsteered batch, the
+prefix-cache scenario and bad selections. HF reference outputs are computed
+here, token for token, greedy, fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from icv_vllm.vectors.vector import ICVector
+
+from .hf_reference import HFReference
+
+ENGINE_SCRIPT = Path(__file__).with_name("engine_script.py")
+MAX_TOKENS = 8
+TEXTS = [
+    "the cat sat on the mat and looked at the dog",
+    "you are so rude and I do not like it",
+    "please be kind to everyone you meet today",
+    "hello world this is a small test of steering",
+]
+# (prompt index, spec): none; one vector at two scales; a negative scale; a
+# two-vector mix; the same prompt with different vectors; a four-entry mix.
+MIXED = [
+    (0, None), (1, "alpha:0.6"), (1, "alpha:2.5"), (2, "beta:-1.5"),
+    (2, "alpha:1.0,beta:0.7"), (0, "beta:1.2"), (0, "gamma:0.9"),
+    (3, "alpha:0.5,beta:0.5,gamma:-0.8,alpha:0.3"), (3, None),
+]
+LONG_SPECS = [None, "alpha:1.5", "beta:1.5", "alpha:1.5"]
+
+
+def _vectors(num_layers: int, hidden: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {name: torch.randn(num_layers, hidden, generator=g) * scale
+            for name, scale in (("alpha", 1.0), ("beta", 3.0), ("gamma", 0.1))}
+
+
+def _choices(spec, vectors):
+    if not spec:
+        return []
+    out = []
+    for part in spec.split(","):
+        name, scale = part.split(":")
+        out.append((vectors[name], float(scale)))
+    return out
+
+
+def _run_engine(tmp: Path, model_dir: Path, mode: str, vector_dir: Path, prompts, long_prompt):
+    cases = {
+        "model": str(model_dir), "mode": mode, "vector_dir": str(vector_dir),
+        # small token budget: the long prompt is prefilled in chunks
+        "max_num_batched_tokens": 96,
+        "batches": [
+            [{"prompt_ids": prompts[p], "icv": s, "max_tokens": MAX_TOKENS} for p, s in MIXED],
+            *[[{"prompt_ids": prompts[p], "icv": s, "max_tokens": MAX_TOKENS}] for p, s in MIXED],
+            [{"prompt_ids": prompts[p], "icv": None, "max_tokens": MAX_TOKENS} for p, _ in MIXED],
+            *[[{"prompt_ids": long_prompt, "icv": s, "max_tokens": MAX_TOKENS}] for s in LONG_SPECS],
+        ],
+        "bad_specs": ["nosuch:1.0", "alpha", "alpha:nan", "a:1,b:1,c:1,d:1,e:1", "../x:1"],
+    }
+    cases_path, out_path = tmp / f"cases-{mode}.json", tmp / f"out-{mode}.json"
+    cases_path.write_text(json.dumps(cases))
+    proc = subprocess.run([sys.executable, str(ENGINE_SCRIPT), str(cases_path), str(out_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out_path.read_text())
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def steered_run(request, tmp_path_factory):
+    model_dir = request.getfixturevalue(f"tiny_{request.param}_dir")
+    tmp = tmp_path_factory.mktemp(f"engine-{request.param}")
+    reference = HFReference(str(model_dir))
+    config = reference.model.config
+    vectors = _vectors(config.num_hidden_layers, config.hidden_size)
+    vector_dir = tmp / "vectors"
+    vector_dir.mkdir()
+    for name, tensor in vectors.items():
+        ICVector(tensor, model=str(model_dir), method="mean", num_pairs=1).save(vector_dir / f"{name}.safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
+    long_prompt = tokenizer(" ".join(TEXTS * 6))["input_ids"]
+    assert len(long_prompt) >= 200
+    runs = {mode: _run_engine(tmp, model_dir, mode, vector_dir, prompts, long_prompt)
+            for mode in ("eager", "compiled")}
+    expected = [reference.greedy(prompts[p], _choices(s, vectors), MAX_TOKENS) for p, s in MIXED]
+    expected_long = [reference.greedy(long_prompt, _choices(s, vectors), MAX_TOKENS) for s in LONG_SPECS]
+    return runs, expected, expected_long
+
+
+def _batches(run):
+    b = run["batches"]
+    n = len(MIXED)
+    return b[0], [x[0] for x in b[1 : 1 + n]], b[1 + n], [x[0] for x in b[2 + n :]]
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_mixed_batch_matches_reference(steered_run, mode):
+    runs, expected, _ = steered_run
+    mixed, solo, _, _ = _batches(runs[mode])
+    assert [r["token_ids"] for r in mixed] == expected
+    assert [r["token_ids"] for r in solo] == expected
+    for batched, alone in zip(mixed, solo):
+        assert batched["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_vectors_change_outputs_and_spare_others(steered_run, mode):
+    runs, expected, _ = steered_run
+    mixed, _, unsteered, _ = _batches(runs[mode])
+    for (prompt, spec), steered, plain in zip(MIXED, mixed, unsteered):
+        if spec is None:
+            # same batch shape, neighbours steered or not: bit-for-bit equal
+            assert steered["logprobs"] == plain["logprobs"]
+        else:
+            assert steered["token_ids"] != plain["token_ids"], spec
+    assert mixed[1]["token_ids"] != mixed[2]["token_ids"]  # the scale matters
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_prefix_cache_never_crosses_vector_specs(steered_run, mode):
+    runs, _, expected_long = steered_run
+    _, _, _, long_runs = _batches(runs[mode])
+    assert [r["token_ids"] for r in long_runs] == expected_long
+    none, alpha, beta, alpha_again = (r["num_cached_tokens"] for r in long_runs)
+    assert alpha == 0 and beta == 0  # a different spec never hits blocks of another
+    assert alpha_again >= 192  # the same spec does reuse its own blocks
+
+
+def test_compiled_mode_really_compiles(steered_run):
+    runs, _, _ = steered_run
+    assert runs["eager"]["compilation_mode"].endswith("NONE")
+    assert not runs["compiled"]["compilation_mode"].endswith("NONE")
+
+
+def test_bad_selections_are_refused_before_the_engine(steered_run):
+    runs, _, _ = steered_run
+    errors = runs["eager"]["bad_spec_errors"]
+    assert "unknown vector 'nosuch'; known vectors: alpha, beta, gamma" in errors[0]
+    assert "must be 'name:scale'" in errors[1]
+    assert "must be finite" in errors[2]
+    assert "at most 4 vectors" in errors[3]
+    assert "invalid vector name" in errors[4]

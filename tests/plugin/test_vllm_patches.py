@@ -1,0 +1,72 @@
+"""The patch points must exist in the installed vLLM with the parameters we
+rely on; if vLLM changes, the error must name the internal and the reason."""
+
+import importlib
+import types
+
+import pytest
+
+from icv_vllm.plugin import vllm_patches
+from icv_vllm.plugin.vllm_patches import ALL_PATCH_POINTS, PatchPoint, VLLMChangedError, _lookup
+
+
+@pytest.mark.parametrize("point", ALL_PATCH_POINTS, ids=lambda p: p.attribute)
+def test_patch_point_exists_in_installed_vllm(point):
+    module = importlib.import_module(point.module)
+    _lookup(module, point)
+
+
+def test_missing_internal_fails_loudly():
+    fake = types.ModuleType("fake")
+    point = PatchPoint("fake", "Runner.load_model", ("self",), "do a thing")
+    with pytest.raises(VLLMChangedError, match=r"fake.Runner.load_model no longer exists .*0\.32\.0.*do a thing"):
+        _lookup(fake, point)
+
+
+def test_changed_signature_fails_loudly():
+    fake = types.ModuleType("fake")
+
+    class Runner:
+        def _prepare_inputs(self, other):
+            pass
+
+    fake.Runner = Runner
+    point = PatchPoint("fake", "Runner._prepare_inputs", ("self", "scheduler_output"), "map tokens")
+    with pytest.raises(VLLMChangedError, match="now takes"):
+        _lookup(fake, point)
+
+
+def test_patches_are_installed_after_register():
+    from icv_vllm.plugin import register
+
+    register()
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker import cpu_model_runner, gpu_model_runner, worker_base
+
+    assert kv_cache_utils._gen_lora_extra_hash_keys.__icv_patched__
+    assert InputProcessor.process_inputs.__icv_patched__
+    assert gpu_model_runner.GPUModelRunner._prepare_inputs.__icv_patched__
+    assert cpu_model_runner.CPUModelRunner.load_model.__icv_patched__
+    assert hasattr(worker_base.WorkerBase, "icv_take_captures")
+
+
+def test_v2_model_runner_is_refused(monkeypatch):
+    monkeypatch.setenv(vllm_patches.V2_RUNNER_ENV, "1")
+    with pytest.raises(VLLMChangedError, match="V1 model runner only"):
+        vllm_patches._force_v1_runner()
+
+
+def test_prefix_cache_key_carries_the_resolved_spec():
+    from icv_vllm.plugin import register
+
+    register()
+    from vllm.v1.core import kv_cache_utils
+
+    def request(extra):
+        return types.SimpleNamespace(lora_request=None, sampling_params=types.SimpleNamespace(extra_args=extra))
+
+    assert kv_cache_utils._gen_lora_extra_hash_keys(request(None)) == []
+    assert kv_cache_utils._gen_lora_extra_hash_keys(request({"icv": "a:1"})) == []
+    keys = kv_cache_utils._gen_lora_extra_hash_keys(request({"icv_resolved": "a@0123:1.0"}))
+    assert keys == [("icv", "a@0123:1.0")]
