@@ -2,7 +2,7 @@
 server or the offline ``LLM``), before the engine sees anything.
 
 A bad selection becomes vLLM's ``VLLMValidationError`` (HTTP 400 in the
-server, ``ValueError`` offline) and the engine never sees the request; a good
+server, raised by ``LLM.generate`` offline) and the engine never sees the request; a good
 one is rewritten into its resolved form (``resolved_spec``).
 """
 
@@ -47,8 +47,8 @@ class Admission:
             self._fail(f"invalid icv: {e}")
         if not any(a in SUPPORTED_ARCHITECTURES for a in self._architectures):
             self._fail(
-                f"in-context vectors are not supported for {self._architectures}; "
-                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+                f"in-context vectors are not supported for {', '.join(self._architectures) or 'this model'}; "
+                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
             )
         directory = self._config.vector_dir
         if directory is None:

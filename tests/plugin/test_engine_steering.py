@@ -56,8 +56,10 @@ def _choices(spec, vectors):
 
 
 def _run_engine(tmp: Path, model_dir: Path, mode: str, vector_dir: Path, prompts, long_prompt):
+    tp = 2 if mode == "tp2" else 1
     cases = {
-        "model": str(model_dir), "mode": mode, "vector_dir": str(vector_dir),
+        "model": str(model_dir), "mode": "eager" if mode == "tp2" else mode,
+        "vector_dir": str(vector_dir), "tensor_parallel_size": tp,
         # small token budget: the long prompt is prefilled in chunks
         "max_num_batched_tokens": 96,
         "batches": [
@@ -76,10 +78,8 @@ def _run_engine(tmp: Path, model_dir: Path, mode: str, vector_dir: Path, prompts
     return json.loads(out_path.read_text())
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def steered_run(request, tmp_path_factory):
-    model_dir = request.getfixturevalue(f"tiny_{request.param}_dir")
-    tmp = tmp_path_factory.mktemp(f"engine-{request.param}")
+def _steered_runs(model_dir: Path, tmp: Path, modes: tuple[str, ...]):
+    """Engine runs for ``modes`` and the HF reference's expected tokens."""
     reference = HFReference(str(model_dir))
     config = reference.model.config
     vectors = _vectors(config.num_hidden_layers, config.hidden_size)
@@ -91,11 +91,22 @@ def steered_run(request, tmp_path_factory):
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
     long_prompt = tokenizer(" ".join(TEXTS * 6))["input_ids"]
     assert len(long_prompt) >= 200
-    runs = {mode: _run_engine(tmp, model_dir, mode, vector_dir, prompts, long_prompt)
-            for mode in ("eager", "compiled")}
+    runs = {mode: _run_engine(tmp, model_dir, mode, vector_dir, prompts, long_prompt) for mode in modes}
     expected = [reference.greedy(prompts[p], _choices(s, vectors), MAX_TOKENS) for p, s in MIXED]
     expected_long = [reference.greedy(long_prompt, _choices(s, vectors), MAX_TOKENS) for s in LONG_SPECS]
     return runs, expected, expected_long
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def steered_run(request, tmp_path_factory):
+    model_dir = request.getfixturevalue(f"tiny_{request.param}_dir")
+    return _steered_runs(model_dir, tmp_path_factory.mktemp(f"engine-{request.param}"), ("eager", "compiled"))
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_run(tiny_llama_dir, tmp_path_factory):
+    """Two ranks on the CPU backend (one multi-process engine: Llama only)."""
+    return _steered_runs(tiny_llama_dir, tmp_path_factory.mktemp("engine-tp2"), ("tp2",))
 
 
 def _batches(run):
@@ -112,6 +123,13 @@ def test_mixed_batch_matches_reference(steered_run, mode):
     assert [r["token_ids"] for r in solo] == expected
     for batched, alone in zip(mixed, solo):
         assert batched["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-4)
+
+
+def test_tensor_parallel_ranks_apply_the_same_vectors(tensor_parallel_run):
+    runs, expected, expected_long = tensor_parallel_run
+    mixed, solo, _, long_runs = _batches(runs["tp2"])
+    assert [r["token_ids"] for r in mixed] == expected
+    assert [r["token_ids"] for r in long_runs] == expected_long
 
 
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
