@@ -1,0 +1,120 @@
+"""``ICVector``: an extracted vector as a value, with the paper's arithmetic.
+
+The paper combines ICVs by arithmetic (sums, differences, scaling). Results
+keep the model and record ``method="arithmetic"``; ``num_pairs`` of a sum or
+difference is the total number of demonstration pairs behind it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import torch
+
+from .file_format import METHODS, load_icv, write_icv
+
+
+class ICVector:
+    """One direction per decoder layer: a float32 ``[num_layers, hidden_size]`` tensor."""
+
+    __slots__ = ("tensor", "model", "method", "num_pairs")
+    # numpy scalars would otherwise try to broadcast over us instead of calling __rmul__
+    __array_ufunc__ = None
+
+    def __init__(self, tensor: torch.Tensor, *, model: str, method: str, num_pairs: int):
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or 0 in tensor.shape:
+            raise ValueError(
+                f"an ICV is a non-empty 2-D tensor [num_layers, hidden_size], got "
+                f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}"
+            )
+        tensor = tensor.detach().to("cpu", torch.float32).contiguous()
+        if not torch.isfinite(tensor).all():
+            raise ValueError("an ICV must have finite values (found NaN or inf)")
+        if method not in METHODS:
+            raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+        if isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1:
+            raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"model must be a non-empty string, got {model!r}")
+        self.tensor = tensor
+        self.model = model
+        self.method = method
+        self.num_pairs = num_pairs
+
+    @property
+    def num_layers(self) -> int:
+        return self.tensor.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.tensor.shape[1]
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_icv(path, self.tensor, model=self.model, method=self.method, num_pairs=self.num_pairs)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ICVector":
+        """Load and validate; raises ``ICVFileError`` naming the file and the problem."""
+        tensor, header = load_icv(path)
+        return cls(tensor, model=header.model, method=header.method, num_pairs=header.num_pairs)
+
+    def __repr__(self) -> str:
+        return (
+            f"ICVector(model={self.model!r}, method={self.method!r}, num_pairs={self.num_pairs}, "
+            f"shape={list(self.tensor.shape)})"
+        )
+
+    # arithmetic -----------------------------------------------------------
+
+    def _derived(self, tensor: torch.Tensor, num_pairs: int) -> "ICVector":
+        return ICVector(tensor, model=self.model, method="arithmetic", num_pairs=num_pairs)
+
+    def _check_compatible(self, other: "ICVector", op: str) -> None:
+        if self.tensor.shape != other.tensor.shape:
+            raise ValueError(
+                f"cannot {op} ICVs of shapes {list(self.tensor.shape)} and {list(other.tensor.shape)}"
+            )
+        if self.model != other.model:
+            raise ValueError(f"cannot {op} ICVs of different models: {self.model!r} and {other.model!r}")
+
+    @staticmethod
+    def _scalar(value: object) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return None
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"cannot scale an ICV by {value}")
+        return value
+
+    def __add__(self, other: object) -> "ICVector":
+        if not isinstance(other, ICVector):
+            return NotImplemented
+        self._check_compatible(other, "add")
+        return self._derived(self.tensor + other.tensor, self.num_pairs + other.num_pairs)
+
+    def __sub__(self, other: object) -> "ICVector":
+        if not isinstance(other, ICVector):
+            return NotImplemented
+        self._check_compatible(other, "subtract")
+        return self._derived(self.tensor - other.tensor, self.num_pairs + other.num_pairs)
+
+    def __neg__(self) -> "ICVector":
+        return self._derived(-self.tensor, self.num_pairs)
+
+    def __mul__(self, other: object) -> "ICVector":
+        scale = self._scalar(other)
+        if scale is None:
+            return NotImplemented
+        return self._derived(self.tensor * scale, self.num_pairs)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: object) -> "ICVector":
+        scale = self._scalar(other)
+        if scale is None:
+            return NotImplemented
+        if scale == 0.0:
+            raise ZeroDivisionError("cannot divide an ICV by zero")
+        return self._derived(self.tensor / scale, self.num_pairs)
