@@ -70,3 +70,20 @@ def test_prefix_cache_key_carries_the_resolved_spec():
     assert kv_cache_utils._gen_lora_extra_hash_keys(request({"icv": "a:1"})) == []
     keys = kv_cache_utils._gen_lora_extra_hash_keys(request({"icv_resolved": "a@0123:1.0"}))
     assert keys == [("icv", "a@0123:1.0")]
+
+
+def test_register_imports_nothing_heavy():
+    """vLLM calls register() in the API server too: it must not pull the model
+    runner (seconds of imports) or even torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from icv_vllm.plugin import register\n"
+        "register()\n"
+        "heavy = [m for m in ('torch', 'vllm.v1.worker.gpu_model_runner', 'transformers') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
