@@ -1,0 +1,109 @@
+"""In-server extraction: demonstration pairs -> ICV with the engine already loaded.
+
+Same steps as the offline ``icv-vllm extract`` (``vectors.extraction``), so
+both give the same vector for the same model and pairs: clean each text as
+the authors do, tokenize it alone with the tokenizer's default special tokens
+(here the engine's own tokenizer), take the residual streams at the last
+token (here computed by the running engine, batched with live traffic),
+difference target - input, then ``icv_from_differences``. No second copy of
+the model is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from ..spec import ICVSpecError, validate_name
+from ..vectors.pairs import DemoPair, PairsError, clean_demonstration_text, pairs_from_records
+from .errors import ICVHTTPError
+from .vllm_hooks import engine_tokenizer
+
+METHODS = ("pca", "mean")
+# Bounds one request's work and the residual streams held until collected.
+MAX_PAIRS = 512
+CREATE_KEYS = ("name", "pairs", "method", "overwrite")
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    name: str
+    pairs: list[DemoPair]
+    method: str
+    overwrite: bool
+
+
+def parse_create_body(body: object) -> CreateRequest:
+    """Validate a ``POST /v1/icv`` body; every problem is a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise ICVHTTPError(400, 'body must be a JSON object {"name", "pairs", "method"?, "overwrite"?}')
+    unknown = sorted(set(body) - set(CREATE_KEYS))
+    if unknown:
+        raise ICVHTTPError(400, f"unknown field {', '.join(map(repr, unknown))}; "
+                                f"allowed: {', '.join(CREATE_KEYS)}", unknown[0])
+    if "name" not in body:
+        raise ICVHTTPError(400, "name is required", "name")
+    try:
+        name = validate_name(body["name"])
+    except ICVSpecError as e:
+        raise ICVHTTPError(400, str(e), "name") from None
+    if "pairs" not in body:
+        raise ICVHTTPError(400, 'pairs is required: a list of {"input": ..., "target": ...}', "pairs")
+    try:
+        pairs = pairs_from_records(body["pairs"])
+    except PairsError as e:
+        raise ICVHTTPError(400, str(e), "pairs") from None
+    if len(pairs) > MAX_PAIRS:
+        raise ICVHTTPError(400, f"at most {MAX_PAIRS} pairs per request, got {len(pairs)}", "pairs")
+    method = body.get("method", "pca")
+    if method not in METHODS:
+        raise ICVHTTPError(400, f"method must be one of {', '.join(METHODS)}, got {method!r}", "method")
+    overwrite = body.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ICVHTTPError(400, f"overwrite must be true or false, got {overwrite!r}", "overwrite")
+    return CreateRequest(name, pairs, method, overwrite)
+
+
+def cleaned_texts(pairs: list[DemoPair]) -> list[str]:
+    """Inputs then targets, cleaned as the offline extractor does."""
+    inputs, targets = [], []
+    for pair in pairs:
+        for key, text, out in (("input", pair.input, inputs), ("target", pair.target, targets)):
+            cleaned = clean_demonstration_text(text)
+            if not cleaned:
+                raise ICVHTTPError(400, f"{pair.where}: {key!r} is empty after removing punctuation", "pairs")
+            out.append(cleaned)
+    return inputs + targets
+
+
+def tokenize(tokenizer: Any, texts: list[str], pairs: list[DemoPair], max_model_len: int) -> list[list[int]]:
+    ids = [list(tokenizer(text)["input_ids"]) for text in texts]
+    n = len(pairs)
+    for i, token_ids in enumerate(ids):
+        where = f"{pairs[i % n].where}.{'input' if i < n else 'target'}"
+        if not token_ids:
+            raise ICVHTTPError(400, f"{where} has no tokens", "pairs")
+        if len(token_ids) >= max_model_len:
+            raise ICVHTTPError(
+                400, f"{where} is {len(token_ids)} tokens; the served model takes fewer than "
+                     f"{max_model_len} (--max-model-len)", "pairs")
+    return ids
+
+
+async def extract_in_server(engine_client: Any, request: CreateRequest):
+    """The ICV of ``request.pairs`` computed by the running engine."""
+    import torch
+
+    from ..plugin.capture import capture_residual_streams
+    from ..vectors.extraction import icv_from_differences
+    from ..vectors.vector import ICVector
+
+    model_config = engine_client.vllm_config.model_config
+    texts = cleaned_texts(request.pairs)
+    ids = tokenize(engine_tokenizer(engine_client), texts, request.pairs, model_config.max_model_len)
+    streams: torch.Tensor = await capture_residual_streams(engine_client, ids)
+    n = len(request.pairs)
+    diffs = streams[n:] - streams[:n]
+    tensor = await asyncio.to_thread(icv_from_differences, diffs, request.method)
+    return ICVector(tensor, model=str(model_config.model), method=request.method, num_pairs=n)

@@ -1,0 +1,74 @@
+"""What the ICV routes and middleware share in one API server process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ICVHTTPError
+from .store import VectorStore
+from .vllm_hooks import STATE_ENGINE_CLIENT, STATE_VLLM_CONFIG, state_attr
+
+ENV_ALLOW_RUNTIME_UPDATES = "ICV_VLLM_ALLOW_RUNTIME_UPDATES"
+
+
+def runtime_updates_allowed(environ=os.environ) -> bool:
+    """``ICV_VLLM_ALLOW_RUNTIME_UPDATES``: off unless 1/true (as vLLM's
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``); anything else is an error, so a
+    typo never leaves the management API silently off or on."""
+    value = environ.get(ENV_ALLOW_RUNTIME_UPDATES, "").strip().lower()
+    if value in ("", "0", "false"):
+        return False
+    if value in ("1", "true"):
+        return True
+    raise ValueError(f"{ENV_ALLOW_RUNTIME_UPDATES} must be 0/1 or false/true, got {value!r}")
+
+
+class ICVServer:
+    """The vector directory, the switch for runtime updates, and the loaded
+    engine (found on vLLM's ``app.state`` once the server has started)."""
+
+    def __init__(self, directory: Path, updates_allowed: bool, app_state: Any):
+        self.directory = Path(directory).resolve()
+        self.updates_allowed = updates_allowed
+        self._app_state = app_state
+        self._admission = None
+        self.store = VectorStore(self.directory, usable=self.problem_with)
+        # one writer at a time: the 409 check and the save are one step
+        self.write_lock = asyncio.Lock()
+
+    def engine_client(self) -> Any:
+        return state_attr(self._app_state, STATE_ENGINE_CLIENT)
+
+    def _get_admission(self):
+        if self._admission is None:
+            from ..plugin.admission import Admission
+
+            self._admission = Admission(state_attr(self._app_state, STATE_VLLM_CONFIG))
+        return self._admission
+
+    def resolve(self, spec: str) -> None:
+        """Refuse, as a 400, a selection the engine would refuse: the plugin's
+        own admission check (names, files, shapes), run before vLLM sees the request."""
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            self._get_admission().resolve(spec)
+        except (VLLMClientError, ValueError) as e:  # VLLMValidationError's str() adds "(parameter=icv)"
+            message = str(e.args[0]) if e.args else str(e)
+            raise ICVHTTPError(400, self.store.hide_dir(message), "icv") from None
+
+    def problem_with(self, name: str) -> str | None:
+        try:
+            self.resolve(f"{name}:1.0")
+        except ICVHTTPError as e:
+            return e.message
+        return None
+
+    def require_updates(self) -> None:
+        if not self.updates_allowed:
+            raise ICVHTTPError(
+                403, "the vector management API is disabled; start the server with "
+                     f"{ENV_ALLOW_RUNTIME_UPDATES}=1 to list, create and delete vectors")
