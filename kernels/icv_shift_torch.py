@@ -3,16 +3,18 @@
 Called on every decoder layer of every step, so it is built to stay cheap:
 one ``nonzero`` finds the steered tokens (none: return at once), and all
 work is on those tokens only, vectorised over tokens and entries. On CPU,
-fresh [n, D]-sized temporaries (page faults) cost as much as arithmetic, so
-the fp32 copy of the tokens is updated in place. Each distinct vector is
-normalised once; tokens reach it in one of two ways:
+large fresh temporaries cost more than the arithmetic (glibc returns them to
+the OS on free, so each call page-faults them in again), so tokens go through
+in chunks of ~1 MB of fp32 (64 tokens at D = 4096), each updated in place;
+when every token is steered (decode) chunks are slices: no gather, no scatter. Each distinct vector is normalised once; tokens reach it in one of two
+ways:
 - few distinct vectors (the usual prefill): two matmuls against the [S', D]
   table, 2*S' flops per element and no per-token copy of the vectors;
 - many (a decode step with one vector per request): a per-token gather
   [n, E, D] (E = entry columns up to the last one in use, usually 1) and
   row-wise dots, which stays linear in n where the matmuls grow as n * S'.
-(Ops picked by measurement: ``bmm`` with [1, D] x [D, 1] batches, ``u[inv]``
-and ``index_copy_`` are several times slower than what is used instead.)
+(Ops picked by measurement: ``bmm`` over [1, D] x [D, 1] batches and
+``u[inv]`` are several times slower than ``vecdot`` and ``index_select``.)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 EPS = 1e-12  # every norm divides by max(norm, EPS): zero x or v never gives NaN/inf
 MATMUL_MAX_VECTORS = 4  # distinct vectors up to which the matmul route is used
+CHUNK_ELEMENTS = 1 << 18  # tokens are processed in chunks of ~1 MB of fp32
 
 
 def icv_shift_torch(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots: torch.Tensor,
@@ -43,21 +46,32 @@ def icv_shift_torch(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots:
     uniq, inv = torch.unique(slots.clamp(min=0), return_inverse=True)  # inv: [n, 4] -> table row
     u = bank[:, layer].index_select(0, uniq.long())      # [S', D] fp32 copy: distinct vectors
     u.div_(u.norm(dim=-1, keepdim=True).clamp_min_(EPS))
-    everyone = len(tokens) == hidden.shape[0]            # e.g. decode: no gather, no scatter
-    x = (hidden if everyone else hidden.index_select(0, tokens)).float()  # [n, D], in place (fp32: hidden)
+    if len(uniq) > MATMUL_MAX_VECTORS:                   # gather route: skip trailing empty columns
+        cols = int(valid.any(0).nonzero()[-1]) + 1
+        lam, inv = lam[:, :cols], inv[:, :cols]
+    everyone = len(tokens) == hidden.shape[0]            # e.g. decode: slices, no gather/scatter
+    step = max(1, CHUNK_ELEMENTS // hidden.shape[1])
+    for i in range(0, len(tokens), step):
+        part = slice(i, i + step)
+        x = (hidden[part] if everyone else hidden.index_select(0, tokens[part])).float()
+        _shift_(x, lam[part], inv[part], u)              # fp32 hidden + everyone: x is hidden itself
+        if everyone:
+            hidden[part].copy_(x)
+        else:
+            hidden.index_copy_(0, tokens[part], x.to(hidden.dtype))
+
+
+def _shift_(x: torch.Tensor, lam: torch.Tensor, inv: torch.Tensor, u: torch.Tensor) -> None:
+    """x [m, D] fp32 -> x' in place. lam [m, E] (already / K, 0 = empty), inv [m, E]
+    rows of the unit-vector table u [S', D]."""
     nx = x.norm(dim=-1, keepdim=True)
     x.div_(nx.clamp_min(EPS))                            # x / ||x||
     # c_k = lam_k / K * (1 + max(0, cos(x, -v_k))), cos(x, -v_k) = -x_hat . u_k
-    if len(uniq) <= MATMUL_MAX_VECTORS:
+    if len(u) <= MATMUL_MAX_VECTORS:
         c = lam * (1 - torch.mm(x, u.T).gather(1, inv).clamp_max_(0))
-        x.addmm_(torch.zeros(len(tokens), len(uniq), device=x.device).scatter_add_(1, inv, c), u)
+        x.addmm_(torch.zeros(len(x), len(u), device=x.device).scatter_add_(1, inv, c), u)
     else:
-        cols = int(valid.any(0).nonzero()[-1]) + 1      # skip trailing empty entry columns
-        ut = u.index_select(0, inv[:, :cols].reshape(-1)).view(len(tokens), cols, -1)  # [n, E, D]
-        c = lam[:, :cols] * (1 - torch.linalg.vecdot(ut, x.unsqueeze(1)).clamp_max_(0))
+        ut = u.index_select(0, inv.reshape(-1)).view(len(x), inv.shape[1], -1)  # [m, E, D]
+        c = lam * (1 - torch.linalg.vecdot(ut, x.unsqueeze(1)).clamp_max_(0))
         x.unsqueeze(1).baddbmm_(c.unsqueeze(1), ut)      # y = x/||x|| + sum_k c_k u_k
     x.mul_(nx / x.norm(dim=-1, keepdim=True).clamp_min_(EPS))
-    if everyone:
-        hidden.copy_(x)
-    else:
-        hidden.index_copy_(0, tokens, x.to(hidden.dtype))

@@ -122,11 +122,14 @@ def check(fn, case, **kw):
 
 # -- torch version (the CPU path) ------------------------------------------------
 
-@pytest.fixture(params=["matmul", "gather"])
+@pytest.fixture(params=["matmul", "gather", "matmul/chunks", "gather/chunks"])
 def route(request, monkeypatch):
-    """Force each of the torch version's two ways of reaching the vectors."""
+    """Force each of the torch version's two ways of reaching the vectors, with
+    all tokens in one chunk or in many (1000 elements: 1 to 15 tokens here)."""
     module = importlib.import_module("icv_vllm.kernels.icv_shift_torch")
-    monkeypatch.setattr(module, "MATMUL_MAX_VECTORS", 1000 if request.param == "matmul" else 0)
+    monkeypatch.setattr(module, "MATMUL_MAX_VECTORS", 1000 if request.param.startswith("matmul") else 0)
+    if request.param.endswith("chunks"):
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", 1000)
     return request.param
 
 
