@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from .icv_shift_torch import EPS, icv_shift_torch
+from .icv_shift_torch import EPS, ShiftPlan, icv_shift_planned, icv_shift_torch, plan_icv_shift
 
 try:
     from .icv_shift_triton import icv_shift_triton
@@ -22,7 +22,8 @@ except Exception:  # no triton (CPU builds); the torch path serves
 logger = logging.getLogger(__name__)
 _triton_broken = False
 
-__all__ = ["EPS", "apply_icv_shift", "icv_shift_torch", "icv_shift_triton"]
+__all__ = ["EPS", "ShiftPlan", "apply_icv_shift", "icv_shift_planned", "icv_shift_torch",
+           "icv_shift_triton", "plan_icv_shift"]
 
 
 def apply_icv_shift(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots: torch.Tensor,

@@ -19,6 +19,8 @@ ways:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 EPS = 1e-12  # every norm divides by max(norm, EPS): zero x or v never gives NaN/inf
@@ -26,13 +28,26 @@ MATMUL_MAX_VECTORS = 4  # distinct vectors up to which the matmul route is used
 CHUNK_ELEMENTS = 1 << 18  # tokens are processed in chunks of ~1 MB of fp32
 
 
-def icv_shift_torch(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots: torch.Tensor,
-                    entry_scales: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
-    """Shift ``hidden`` [T, D] in place; see ``icv_vllm.kernels.apply_icv_shift``."""
-    rows = token_rows[: hidden.shape[0]]
+@dataclass(frozen=True)
+class ShiftPlan:
+    """The layer-independent part of a step's shift: which tokens, which
+    distinct vectors, each entry's lam/K. Computed once per step, reused by
+    every decoder layer (``icv_shift_planned``)."""
+
+    num_tokens: int
+    tokens: torch.Tensor  # [n] steered token indices (sorted)
+    lam: torch.Tensor     # [n, E] lam_k / K, 0 for empty entries
+    inv: torch.Tensor     # [n, E] row of each entry in ``slots``
+    slots: torch.Tensor   # [S'] distinct bank slots used by the step
+
+
+def plan_icv_shift(num_tokens: int, token_rows: torch.Tensor, entry_slots: torch.Tensor,
+                   entry_scales: torch.Tensor) -> ShiftPlan | None:
+    """Plan for the first ``num_tokens`` tokens; None when none is steered."""
+    rows = token_rows[:num_tokens]
     tokens = (rows >= 0).nonzero().squeeze(1)
     if tokens.numel() == 0:
-        return
+        return None
     row = rows.index_select(0, tokens).long()
     slots, lam = entry_slots.index_select(0, row), entry_scales.index_select(0, row)  # [n, 4]
     valid = slots >= 0
@@ -41,14 +56,22 @@ def icv_shift_torch(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots:
         keep = k.squeeze(1) > 0
         tokens, slots, lam, valid, k = tokens[keep], slots[keep], lam[keep], valid[keep], k[keep]
         if tokens.numel() == 0:
-            return
+            return None
     lam = torch.where(valid, lam, 0.0) / k               # lam_k / K, 0 for empty entries
     uniq, inv = torch.unique(slots.clamp(min=0), return_inverse=True)  # inv: [n, 4] -> table row
-    u = bank[:, layer].index_select(0, uniq.long())      # [S', D] fp32 copy: distinct vectors
-    u.div_(u.norm(dim=-1, keepdim=True).clamp_min_(EPS))
     if len(uniq) > MATMUL_MAX_VECTORS:                   # gather route: skip trailing empty columns
         cols = int(valid.any(0).nonzero()[-1]) + 1
         lam, inv = lam[:, :cols], inv[:, :cols]
+    return ShiftPlan(num_tokens, tokens, lam, inv, uniq.long())
+
+
+def icv_shift_planned(hidden: torch.Tensor, plan: ShiftPlan, bank: torch.Tensor, layer: int) -> None:
+    """Shift ``hidden`` [T, D] in place for layer ``layer`` following ``plan``."""
+    if plan.num_tokens != hidden.shape[0]:
+        raise ValueError(f"plan is for {plan.num_tokens} tokens, hidden has {hidden.shape[0]}")
+    tokens, lam, inv = plan.tokens, plan.lam, plan.inv
+    u = bank[:, layer].index_select(0, plan.slots)       # [S', D] fp32 copy: distinct vectors
+    u.div_(u.norm(dim=-1, keepdim=True).clamp_min_(EPS))
     everyone = len(tokens) == hidden.shape[0]            # e.g. decode: slices, no gather/scatter
     step = max(1, CHUNK_ELEMENTS // hidden.shape[1])
     for i in range(0, len(tokens), step):
@@ -59,6 +82,14 @@ def icv_shift_torch(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots:
             hidden[part].copy_(x)
         else:
             hidden.index_copy_(0, tokens[part], x.to(hidden.dtype))
+
+
+def icv_shift_torch(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots: torch.Tensor,
+                    entry_scales: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
+    """Shift ``hidden`` [T, D] in place; see ``icv_vllm.kernels.apply_icv_shift``."""
+    plan = plan_icv_shift(hidden.shape[0], token_rows, entry_slots, entry_scales)
+    if plan is not None:
+        icv_shift_planned(hidden, plan, bank, layer)
 
 
 def _shift_(x: torch.Tensor, lam: torch.Tensor, inv: torch.Tensor, u: torch.Tensor) -> None:

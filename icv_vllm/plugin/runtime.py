@@ -36,6 +36,9 @@ class SteeringRuntime:
         # not depend on a Python branch); on the CPU it skips unsteered steps.
         self.always_launch = False
         self.active = False
+        self._step = 0
+        self._plan_key: tuple[int, int] | None = None
+        self._plan = None
         self._step_captures: list[tuple[str, int]] = []
         self._captures: OrderedDict[str, dict] = OrderedDict()
         self._failed_requests: set[str] = set()
@@ -91,6 +94,7 @@ class SteeringRuntime:
                     self._new_capture(str(capture_id), state.prompt_token_ids[-1])
         self.metadata.fill(np.repeat(rows, num_scheduled_tokens), slots, scales)
         self.active = bool((rows >= 0).any())
+        self._step += 1
         self._step_captures = captures
 
     def _map_request(self, i, req_id, resolved, pinned, rows, slots, scales) -> None:
@@ -112,11 +116,23 @@ class SteeringRuntime:
             self._record(hidden_states, residual, layer)
         if not (self.active or self.always_launch) or self.metadata is None:
             return
-        from ..kernels import apply_icv_shift
-
         m = self.metadata
-        apply_icv_shift(hidden_states, m.token_rows, m.entry_slots, m.entry_scales,
-                        self.bank.tensor, layer)
+        if self.always_launch:  # CUDA: one fused launch, graph-safe, no host work
+            from ..kernels import apply_icv_shift
+
+            apply_icv_shift(hidden_states, m.token_rows, m.entry_slots, m.entry_scales,
+                            self.bank.tensor, layer)
+            return
+        # CPU: which tokens use which vectors is the same for every layer of a
+        # step, so it is worked out once per step, not once per layer.
+        from ..kernels import icv_shift_planned, plan_icv_shift
+
+        key = (self._step, hidden_states.shape[0])
+        if self._plan_key != key:
+            self._plan = plan_icv_shift(key[1], m.token_rows, m.entry_slots, m.entry_scales)
+            self._plan_key = key
+        if self._plan is not None:
+            icv_shift_planned(hidden_states, self._plan, self.bank.tensor, layer)
 
     # -- capture of residual streams for in-server extraction -------------------
     def _new_capture(self, capture_id: str, last_token_id: int) -> None:

@@ -324,3 +324,26 @@ print("RESULTS", json.dumps(out))
         assert u["LOCAL"] == 0 and u["STACK"] == 0, (D, u)  # no register spills
         assert 0 < u["REG"] <= 255, (D, u)
         assert u["v4 loads"] > 0 and u["v4 stores"] > 0, (D, u)  # 16-byte accesses to x, v, x'
+
+
+def test_one_plan_serves_every_layer():
+    """The runtime plans once per step on the CPU and reuses the plan for
+    every layer: that must equal planning per layer."""
+    from icv_vllm.kernels import icv_shift_planned, icv_shift_torch, plan_icv_shift
+
+    g = torch.Generator().manual_seed(3)
+    bank = torch.randn(6, 3, 40, generator=g)
+    token_rows = torch.tensor([0, -1, 1, 1, 2, -1, 0], dtype=torch.int32)
+    entry_slots = torch.tensor([[5, -1, -1, -1], [0, 2, -1, 4], [1, 3, 2, 0]], dtype=torch.int32)
+    entry_scales = torch.randn(3, 4, generator=g)
+    hidden = torch.randn(7, 40, generator=g)
+    plan = plan_icv_shift(7, token_rows, entry_slots, entry_scales)
+    for layer in range(3):
+        expected = hidden.clone()
+        icv_shift_torch(expected, token_rows, entry_slots, entry_scales, bank, layer)
+        got = hidden.clone()
+        icv_shift_planned(got, plan, bank, layer)
+        assert torch.equal(got, expected)
+    assert plan_icv_shift(2, torch.tensor([-1, -1], dtype=torch.int32), entry_slots, entry_scales) is None
+    with pytest.raises(ValueError, match="plan is for 7 tokens, hidden has 6"):
+        icv_shift_planned(hidden[:6].clone(), plan, bank, 0)
