@@ -24,6 +24,18 @@ def tiny_qwen2_dir() -> Path:
     return build_tiny_model("qwen2")
 
 
+@pytest.fixture(scope="session")
+def tiny_mistral_dir() -> Path:
+    """Folder of a tiny random-init MistralForCausalLM."""
+    return build_tiny_model("mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir() -> Path:
+    """Folder of a tiny random-init Qwen3ForCausalLM (q/k norms)."""
+    return build_tiny_model("qwen3")
+
+
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny_model_dir(request) -> Path:
     """Each tiny model in turn."""

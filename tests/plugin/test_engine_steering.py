@@ -103,6 +103,13 @@ def steered_run(request, tmp_path_factory):
     return _steered_runs(model_dir, tmp_path_factory.mktemp(f"engine-{request.param}"), ("eager", "compiled"))
 
 
+@pytest.fixture(scope="module", params=["mistral", "qwen3"])
+def other_architecture_run(request, tmp_path_factory):
+    """The other supported decoder layers, eager only (one engine each)."""
+    model_dir = request.getfixturevalue(f"tiny_{request.param}_dir")
+    return _steered_runs(model_dir, tmp_path_factory.mktemp(f"engine-{request.param}"), ("eager",))
+
+
 @pytest.fixture(scope="module")
 def tensor_parallel_run(tiny_llama_dir, tmp_path_factory):
     """Two ranks on the CPU backend (one multi-process engine: Llama only)."""
@@ -123,6 +130,14 @@ def test_mixed_batch_matches_reference(steered_run, mode):
     assert [r["token_ids"] for r in solo] == expected
     for batched, alone in zip(mixed, solo):
         assert batched["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-4)
+
+
+def test_mistral_and_qwen3_layers_match_reference(other_architecture_run):
+    runs, expected, expected_long = other_architecture_run
+    mixed, solo, _, long_runs = _batches(runs["eager"])
+    assert [r["token_ids"] for r in mixed] == expected
+    assert [r["token_ids"] for r in solo] == expected
+    assert [r["token_ids"] for r in long_runs] == expected_long
 
 
 def test_tensor_parallel_ranks_apply_the_same_vectors(tensor_parallel_run):
