@@ -58,7 +58,8 @@ class SteeringRuntime:
         self.num_layers = int(text_config.num_hidden_layers)
         device = torch.device(runner.device)
         self.bank = VectorBank(config.vector_dir, config.max_slots, self.num_layers,
-                               int(text_config.hidden_size), device)
+                               int(text_config.hidden_size), device,
+                               growable=device.type != "cuda")
         self.metadata = StepMetadata(runner.max_num_tokens, runner.max_num_reqs, device)
         self.always_launch = device.type == "cuda"
         logger.info("icv: steering %d decoder layers of %s, %d vector slots, vectors from %s",

@@ -1,6 +1,10 @@
 """Device-resident vector slots with LRU replacement (as vLLM's LoRA manager
-keeps adapters): one preallocated [slots, layers, hidden] fp32 tensor whose
-address never changes, so compiled graphs and CUDA graphs can read it."""
+keeps adapters): one preallocated [slots, layers, hidden] fp32 tensor.
+
+On CUDA its address never changes, so captured CUDA graphs keep reading it; a
+step that needs more distinct vectors than slots cannot be served in full.
+Elsewhere (CPU) the op looks the tensor up on every call, so the bank doubles
+instead: every request of a step is always steered."""
 
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ class BankFullError(RuntimeError):
 
 class VectorBank:
     def __init__(self, directory: Path | None, max_slots: int, num_layers: int,
-                 hidden_size: int, device: torch.device):
+                 hidden_size: int, device: torch.device, growable: bool = False):
         self.directory = directory
+        self.growable = growable
         self.tensor = torch.zeros(max_slots, num_layers, hidden_size, dtype=torch.float32, device=device)
         self._slots: OrderedDict[tuple[str, str], int] = OrderedDict()  # LRU order, oldest first
         self._free = list(range(max_slots - 1, -1, -1))
@@ -56,6 +61,16 @@ class VectorBank:
             if slot not in pinned:
                 del self._slots[key]
                 return slot
+        if self.growable:
+            old = self.capacity
+            grown = torch.zeros((2 * old, *self.tensor.shape[1:]), dtype=self.tensor.dtype,
+                                device=self.tensor.device)
+            grown[:old].copy_(self.tensor)
+            self.tensor = grown
+            self._free = list(range(2 * old - 1, old, -1))
+            logger.info("icv: one step uses more than %d distinct vectors; bank grown to %d slots",
+                        old, 2 * old)
+            return old
         raise BankFullError(
             f"one step needs more than {self.capacity} distinct vectors; raise max_slots "
             "(--additional-config '{\"icv_vllm\": {\"max_slots\": N}}' or ICV_VLLM_MAX_SLOTS)"

@@ -54,3 +54,14 @@ def test_wrong_shape_is_refused(vector_dir):
     bank = VectorBank(vector_dir, 2, 4, 8, torch.device("cpu"))
     with pytest.raises(ValueError, match="model needs"):
         bank.slots_for((choice(vector_dir, 0),), set())
+
+
+def test_growable_bank_doubles_instead_of_failing(vector_dir):
+    """Off CUDA nothing captures the bank's address: a step with more distinct
+    vectors than slots grows it and every request stays steered."""
+    bank = VectorBank(vector_dir, 2, 3, 8, torch.device("cpu"), growable=True)
+    pinned = set()
+    slots = bank.slots_for(tuple(choice(vector_dir, i) for i in range(4)), pinned)
+    assert sorted(slots) == [0, 1, 2, 3] and bank.capacity == 4
+    for i, slot in enumerate(slots):
+        assert bank.tensor[slot, 0, 0].item() == float(i + 1)
