@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..spec import ICVSpecError, validate_name
-from ..vectors.pairs import DemoPair, PairsError, clean_demonstration_text, pairs_from_records
+from ..vectors.pairs import DemoPair, PairsError, extraction_texts, pairs_from_records
 from .errors import ICVHTTPError
 from .vllm_hooks import engine_tokenizer
 
@@ -67,13 +67,10 @@ def parse_create_body(body: object) -> CreateRequest:
 
 def cleaned_texts(pairs: list[DemoPair]) -> list[str]:
     """Inputs then targets, cleaned as the offline extractor does."""
-    inputs, targets = [], []
-    for pair in pairs:
-        for key, text, out in (("input", pair.input, inputs), ("target", pair.target, targets)):
-            cleaned = clean_demonstration_text(text)
-            if not cleaned:
-                raise ICVHTTPError(400, f"{pair.where}: {key!r} is empty after removing punctuation", "pairs")
-            out.append(cleaned)
+    try:
+        inputs, targets = extraction_texts(pairs)
+    except PairsError as e:
+        raise ICVHTTPError(400, str(e), "pairs") from None
     return inputs + targets
 
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .pairs import DemoPair, PairsError, as_pairs, clean_demonstration_text
+from .pairs import DemoPair, as_pairs, clean_demonstration_text, extraction_texts
 from .vector import ICVector
 
 __all__ = [
@@ -187,14 +187,7 @@ def extract_icv(
     if method not in EXTRACTION_METHODS:
         raise ValueError(f"method must be one of {', '.join(EXTRACTION_METHODS)}, got {method!r}")
     pairs = as_pairs(pairs)
-    inputs, targets = [], []
-    for pair in pairs:
-        x, y = (clean_demonstration_text(t) if clean else t for t in (pair.input, pair.target))
-        for key, text in (("input", x), ("target", y)):
-            if not text:
-                raise PairsError(f"{pair.where}: {key!r} is empty after removing punctuation")
-        inputs.append(x)
-        targets.append(y)
+    inputs, targets = extraction_texts(pairs, clean)
     if isinstance(model_or_dir, (str, Path)):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = _load(model_or_dir, device)

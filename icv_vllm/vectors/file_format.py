@@ -17,7 +17,6 @@ JSON header, and loading checks that both copies agree.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import tempfile

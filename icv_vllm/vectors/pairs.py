@@ -38,6 +38,21 @@ class PairsError(ValueError):
     """Demonstration pairs that cannot be used; the message says where and why."""
 
 
+def extraction_texts(pairs: "Iterable[DemoPair]", clean: bool = True) -> tuple[list[str], list[str]]:
+    """Inputs and targets exactly as extraction tokenizes them (offline and in
+    the server): cleaned as the authors do unless ``clean=False``; a text that
+    cleaning empties is a ``PairsError`` naming the pair."""
+    inputs, targets = [], []
+    for pair in pairs:
+        x, y = (clean_demonstration_text(t) if clean else t for t in (pair.input, pair.target))
+        for key, text in (("input", x), ("target", y)):
+            if not text:
+                raise PairsError(f"{pair.where}: {key!r} is empty after removing punctuation")
+        inputs.append(x)
+        targets.append(y)
+    return inputs, targets
+
+
 @dataclass(frozen=True)
 class DemoPair:
     input: str
