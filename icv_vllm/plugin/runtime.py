@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..kernels import apply_icv_shift, icv_shift_planned, plan_icv_shift
 from ..spec import MAX_VECTORS_PER_REQUEST
 from .admission import CAPTURE_EXTRA_ARGS_KEY
 from .config import plugin_config
@@ -119,15 +120,11 @@ class SteeringRuntime:
             return
         m = self.metadata
         if self.always_launch:  # CUDA: one fused launch, graph-safe, no host work
-            from ..kernels import apply_icv_shift
-
             apply_icv_shift(hidden_states, m.token_rows, m.entry_slots, m.entry_scales,
                             self.bank.tensor, layer)
             return
         # CPU: which tokens use which vectors is the same for every layer of a
         # step, so it is worked out once per step, not once per layer.
-        from ..kernels import icv_shift_planned, plan_icv_shift
-
         key = (self._step, hidden_states.shape[0])
         if self._plan_key != key:
             self._plan = plan_icv_shift(key[1], m.token_rows, m.entry_slots, m.entry_scales)
