@@ -5,7 +5,7 @@ both give the same vector for the same model and pairs: clean each text as
 the authors do, tokenize it alone with the tokenizer's default special tokens
 (here the engine's own tokenizer), take the residual streams at the last
 token (here computed by the running engine, batched with live traffic),
-difference target - input, then ``icv_from_differences``. No second copy of
+difference target - input, then ``icv_from_streams``. No second copy of
 the model is loaded.
 """
 
@@ -93,14 +93,13 @@ async def extract_in_server(engine_client: Any, request: CreateRequest):
     import torch
 
     from ..plugin.capture import capture_residual_streams
-    from ..vectors.extraction import icv_from_differences
+    from ..vectors.extraction import icv_from_streams
     from ..vectors.vector import ICVector
 
     model_config = engine_client.vllm_config.model_config
     texts = cleaned_texts(request.pairs)
     ids = tokenize(engine_tokenizer(engine_client), texts, request.pairs, model_config.max_model_len)
     streams: torch.Tensor = await capture_residual_streams(engine_client, ids)
-    n = len(request.pairs)
-    diffs = streams[n:] - streams[:n]
-    tensor = await asyncio.to_thread(icv_from_differences, diffs, request.method)
-    return ICVector(tensor, model=str(model_config.model), method=request.method, num_pairs=n)
+    tensor = await asyncio.to_thread(icv_from_streams, streams, request.method)
+    return ICVector(tensor, model=str(model_config.model), method=request.method,
+                    num_pairs=len(request.pairs))

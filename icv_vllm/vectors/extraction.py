@@ -21,6 +21,7 @@ __all__ = [
     "decoder_layers",
     "extract_icv",
     "icv_from_differences",
+    "icv_from_streams",
     "residual_streams_at_last_token",
 ]
 
@@ -65,6 +66,16 @@ def icv_from_differences(diffs: torch.Tensor, method: str = "pca") -> torch.Tens
             first = int(torch.nonzero(magnitudes >= magnitudes.max() * (1 - _TIE_TOLERANCE))[0])
             direction = mean + torch.sign(u[first, 0]) * vh[0]
     return direction.reshape(rows, width)[1:].to(torch.float32)
+
+
+def icv_from_streams(streams: torch.Tensor, method: str = "pca") -> torch.Tensor:
+    """The ICV ``[L, D]`` from residual streams ``[2N, L+1, D]`` laid out as
+    the N inputs then the N targets: ``d_i = h(target_i) - h(input_i)``, then
+    :func:`icv_from_differences`. Offline and in-server extraction both end here."""
+    if streams.ndim != 3 or streams.shape[0] == 0 or streams.shape[0] % 2:
+        raise ValueError(f"streams must be [2N, L+1, D] (inputs then targets), got {list(streams.shape)}")
+    n = streams.shape[0] // 2
+    return icv_from_differences(streams[n:] - streams[:n], method)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -200,7 +211,4 @@ def extract_icv(
             model = model.to(device)
         model_name = model_name or model.config.name_or_path or type(model).__name__
     streams = residual_streams_at_last_token(model, tokenizer, inputs + targets, batch_size, progress)
-    n = len(pairs)
-    diffs = streams[n:] - streams[:n]
-    tensor = icv_from_differences(diffs, method)
-    return ICVector(tensor, model=model_name, method=method, num_pairs=n)
+    return ICVector(icv_from_streams(streams, method), model=model_name, method=method, num_pairs=len(pairs))

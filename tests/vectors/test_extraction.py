@@ -268,3 +268,15 @@ def test_math_importable_without_transformers():
         "assert 'transformers' not in sys.modules, 'transformers imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_icv_from_streams_pairs_targets_with_inputs():
+    from icv_vllm.vectors.extraction import icv_from_differences, icv_from_streams
+
+    g = torch.Generator().manual_seed(5)
+    streams = torch.randn(6, 4, 8, generator=g)  # 3 inputs, then 3 targets
+    for method in ("mean", "pca"):
+        assert torch.equal(icv_from_streams(streams, method),
+                           icv_from_differences(streams[3:] - streams[:3], method))
+    with pytest.raises(ValueError, match="inputs then targets"):
+        icv_from_streams(streams[:5])
