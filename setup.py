@@ -1,6 +1,6 @@
 """icv-vllm: serve In-Context Vectors (Liu et al., ICML 2024) inside vLLM."""
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 setup(
     name="icv-vllm",
@@ -21,6 +21,17 @@ setup(
         "icv_vllm.kernels",
     ],
     package_dir={"icv_vllm.kernels": "kernels"},
+    # The CPU kernel: plain C against Python's headers (no torch headers, a
+    # one-second build). optional: without a C compiler the install still
+    # succeeds and the plugin uses the torch path.
+    ext_modules=[
+        Extension(
+            "icv_vllm.kernels._icv_shift_cpu",
+            ["kernels/icv_shift_cpu.c"],
+            extra_compile_args=["-O3", "-fno-math-errno", "-Wno-psabi"],
+            optional=True,
+        )
+    ],
     install_requires=[
         "torch>=2.4",
         "transformers>=4.45",

@@ -5,6 +5,8 @@ Three engines, each in its own process, on the same model and workload
   plain      vLLM without the plugin (VLLM_PLUGINS=none)
   plugin     the plugin loaded, no request selects a vector
   steered    every request selects a vector; --distinct vectors in the batch
+  steered-torch  (with --compare-torch) the same, the C kernel switched off
+             (ICV_VLLM_CPU_KERNEL=0): the torch fallback, on the CPU
 Each engine does one warm-up generate, then --repeats timed generates; the
 best is kept. Rounds alternate the engines to spread machine noise.
 
@@ -22,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("plain", "plugin", "steered")
+CONFIGS = ("plain", "plugin", "steered", "steered-torch")
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -33,7 +35,7 @@ def _worker(args: argparse.Namespace) -> None:
     prompts = [f"Write a short story about a {w} who learns to cook, number {i}."
                for i, w in zip(range(args.num_prompts), ["cat", "dog", "robot", "pirate"] * 1000)]
     def params(i: int) -> SamplingParams:
-        extra = {"icv": f"v{i % args.distinct}:0.1"} if args.config == "steered" else None
+        extra = {"icv": f"v{i % args.distinct}:0.1"} if args.config.startswith("steered") else None
         return SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True,
                               extra_args=extra)
     all_params = [params(i) for i in range(len(prompts))]
@@ -70,6 +72,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
+    parser.add_argument("--compare-torch", action="store_true",
+                        help="also run steered with the C kernel off (CPU: the torch fallback)")
     parser.add_argument("--out", default="benchmarks/results/throughput.md")
     parser.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -78,13 +82,16 @@ def main() -> None:
 
     vector_dir = Path(tempfile.mkdtemp(prefix="icv-bench-"))
     _write_vectors(args.model, vector_dir, args.distinct)
+    configs = CONFIGS if args.compare_torch else CONFIGS[:3]
     best: dict[str, float] = {}
     for _ in range(args.rounds):
-        for config in CONFIGS:
+        for config in configs:
             env = dict(os.environ, ICV_VLLM_DIR=str(vector_dir), VLLM_NO_USAGE_STATS="1",
                        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
             if config == "plain":
                 env["VLLM_PLUGINS"] = "none"
+            if config == "steered-torch":
+                env["ICV_VLLM_CPU_KERNEL"] = "0"
             cmd = [sys.executable, __file__, "--config", config] + sys.argv[1:]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -101,7 +108,7 @@ def main() -> None:
         "| engine | output tokens/s | ratio to plain vLLM |",
         "|---|---|---|",
     ]
-    for config in CONFIGS:
+    for config in configs:
         table.append(f"| {config} | {best[config]:.1f} | {best[config] / best['plain']:.3f} |")
     text = "\n".join(table)
     print(text)

@@ -2,8 +2,9 @@
 from icv_vllm, so it also runs from a bare checkout with torch + triton).
 
 ``apply_icv_shift`` is the one entry point the plugin calls, once per decoder
-layer: the Triton kernel on CUDA (one launch, CUDA-graph safe), the torch
-version elsewhere or when Triton is missing or fails to compile.
+layer: the Triton kernel on CUDA (one launch, CUDA-graph safe), the C kernel
+on the CPU (one call), the torch version where neither applies (Triton
+missing or failing to compile, the C extension not built, another device).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 
 import torch
 
+from . import icv_shift_cpu as cpu_kernel
+from .icv_shift_cpu import icv_shift_cpu
 from .icv_shift_torch import EPS, ShiftPlan, icv_shift_planned, icv_shift_torch, plan_icv_shift
 
 try:
@@ -22,7 +25,8 @@ except Exception:  # no triton (CPU builds); the torch path serves
 logger = logging.getLogger(__name__)
 _triton_broken = False
 
-__all__ = ["EPS", "ShiftPlan", "apply_icv_shift", "icv_shift_planned", "icv_shift_torch",
+__all__ = ["EPS", "ShiftPlan", "apply_icv_shift", "cpu_kernel", "icv_shift_cpu", "icv_shift_planned",
+           "icv_shift_torch",
            "icv_shift_triton", "plan_icv_shift"]
 
 
@@ -43,4 +47,6 @@ def apply_icv_shift(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots:
         except Exception as e:  # e.g. a GPU Triton cannot compile for: fall back, loudly, once
             _triton_broken = True
             logger.warning("icv: Triton kernel failed (%s); using the torch version", e)
+    if cpu_kernel.supports(hidden):
+        return icv_shift_cpu(hidden, token_rows, entry_slots, entry_scales, bank, layer)
     icv_shift_torch(hidden, token_rows, entry_slots, entry_scales, bank, layer)

@@ -20,7 +20,7 @@ fi
 
 # Reinstall only when the requirements changed (pip would otherwise re-add the
 # three packages we remove below on every run).
-want="$(cat setup.py scripts/setup.sh | sha256sum | cut -d' ' -f1) $EXTRAS"
+want="$(cat setup.py scripts/setup.sh kernels/icv_shift_cpu.c | sha256sum | cut -d' ' -f1) $EXTRAS"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing icv-vllm[$EXTRAS] (first time: a few minutes)"
     "$VENV/bin/python" -m pip install -e ".[$EXTRAS]"

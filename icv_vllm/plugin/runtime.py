@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..kernels import apply_icv_shift, icv_shift_planned, plan_icv_shift
+from ..kernels import apply_icv_shift, cpu_kernel, icv_shift_cpu, icv_shift_planned, plan_icv_shift
 from ..spec import MAX_VECTORS_PER_REQUEST
 from .admission import CAPTURE_EXTRA_ARGS_KEY
 from .config import plugin_config
@@ -25,6 +25,11 @@ from .vector_bank import VectorBank
 logger = logging.getLogger("vllm.icv_vllm")
 
 MAX_PENDING_CAPTURES = 4096
+SHIFT_PATHS = {
+    "triton": "the Triton kernel",
+    "c": "the C kernel",
+    "torch": "torch ops (the C kernel is off: not built for lack of a C compiler, or ICV_VLLM_CPU_KERNEL=0)",
+}
 
 
 class SteeringRuntime:
@@ -36,6 +41,7 @@ class SteeringRuntime:
         # On CUDA the op always launches the kernel (a captured CUDA graph must
         # not depend on a Python branch); on the CPU it skips unsteered steps.
         self.always_launch = False
+        self.shift_path: str | None = None  # a SHIFT_PATHS key, once set up
         self.active = False
         self._step = 0
         self._plan_key: tuple[int, int] | None = None
@@ -63,8 +69,10 @@ class SteeringRuntime:
                                growable=device.type != "cuda")
         self.metadata = StepMetadata(runner.max_num_tokens, runner.max_num_reqs, device)
         self.always_launch = device.type == "cuda"
-        logger.info("icv: steering %d decoder layers of %s, %d vector slots, vectors from %s",
-                    len(self.layers), type(model).__name__, config.max_slots, config.vector_dir)
+        self.shift_path = "triton" if device.type == "cuda" else "c" if cpu_kernel.AVAILABLE else "torch"
+        logger.info("icv: steering %d decoder layers of %s, %d vector slots, vectors from %s; "
+                    "shift by %s", len(self.layers), type(model).__name__, config.max_slots,
+                    config.vector_dir, SHIFT_PATHS[self.shift_path])
 
     # -- once per step -----------------------------------------------------------
     def prepare_step(self, runner: Any, num_scheduled_tokens: np.ndarray) -> None:
@@ -123,8 +131,12 @@ class SteeringRuntime:
             apply_icv_shift(hidden_states, m.token_rows, m.entry_slots, m.entry_scales,
                             self.bank.tensor, layer)
             return
-        # CPU: which tokens use which vectors is the same for every layer of a
-        # step, so it is worked out once per step, not once per layer.
+        if cpu_kernel.supports(hidden_states):  # CPU: one C call reads the tables itself
+            icv_shift_cpu(hidden_states, m.token_rows, m.entry_slots, m.entry_scales,
+                          self.bank.tensor, layer)
+            return
+        # torch fallback: which tokens use which vectors is the same for every
+        # layer of a step, so it is worked out once per step, not once per layer.
         key = (self._step, hidden_states.shape[0])
         if self._plan_key != key:
             self._plan = plan_icv_shift(key[1], m.token_rows, m.entry_slots, m.entry_scales)

@@ -179,12 +179,18 @@ def test_no_steered_token_is_a_no_op():
     assert torch.equal(bits(out), bits(hidden))
 
 
-def test_apply_dispatches_to_torch_on_cpu():
+def test_apply_dispatches_on_cpu_to_the_c_kernel_or_torch():
+    from icv_vllm.kernels import cpu_kernel, icv_shift_cpu
+
     hidden, rows, slots, scales, bank, layer = make_case(T=20, dtype=torch.bfloat16)
     a, b = hidden.clone(), hidden.clone()
     apply_icv_shift(a, rows, slots, scales, bank, layer)
-    icv_shift_torch(b, rows, slots, scales, bank, layer)
+    (icv_shift_cpu if cpu_kernel.AVAILABLE else icv_shift_torch)(b, rows, slots, scales, bank, layer)
     assert torch.equal(bits(a), bits(b)) and not torch.equal(a, hidden)
+    c = hidden.t().contiguous().t()  # rows not of unit stride: the C kernel declines, torch serves
+    assert not cpu_kernel.supports(c)
+    apply_icv_shift(c, rows, slots, scales, bank, layer)
+    torch.testing.assert_close(c, a, **TOL[torch.bfloat16])
 
 
 # -- Triton kernel ---------------------------------------------------------------

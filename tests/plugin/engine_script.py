@@ -41,6 +41,10 @@ def main(cases_path: str, out_path: str) -> None:
     )
     compilation = llm.llm_engine.vllm_config.compilation_config
     results = {"compilation_mode": getattr(compilation.mode, "name", str(compilation.mode)), "batches": []}
+    if cases.get("tensor_parallel_size", 1) == 1:  # the worker is in this process
+        from icv_vllm.plugin.runtime import RUNTIME
+
+        results["shift_path"] = RUNTIME.shift_path
     for batch in cases["batches"]:
         params = [
             SamplingParams(

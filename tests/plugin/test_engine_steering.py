@@ -9,6 +9,7 @@ here, token for token, greedy, fp32.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from icv_vllm.kernels.icv_shift_cpu import DISABLE_ENV
 from icv_vllm.vectors.vector import ICVector
 
 from .hf_reference import HFReference
@@ -56,9 +58,12 @@ def _choices(spec, vectors):
 
 
 def _run_engine(tmp: Path, model_dir: Path, mode: str, vector_dir: Path, prompts, long_prompt):
+    """``mode``: eager, compiled, tp2 (eager, two ranks) or eager-torch (eager
+    with the C kernel switched off: the torch fallback inside an engine)."""
+    env = {**os.environ, DISABLE_ENV: "0"} if mode == "eager-torch" else None
     tp = 2 if mode == "tp2" else 1
     cases = {
-        "model": str(model_dir), "mode": "eager" if mode == "tp2" else mode,
+        "model": str(model_dir), "mode": "compiled" if mode == "compiled" else "eager",
         "vector_dir": str(vector_dir), "tensor_parallel_size": tp,
         # small token budget: the long prompt is prefilled in chunks
         "max_num_batched_tokens": 96,
@@ -73,7 +78,7 @@ def _run_engine(tmp: Path, model_dir: Path, mode: str, vector_dir: Path, prompts
     cases_path, out_path = tmp / f"cases-{mode}.json", tmp / f"out-{mode}.json"
     cases_path.write_text(json.dumps(cases))
     proc = subprocess.run([sys.executable, str(ENGINE_SCRIPT), str(cases_path), str(out_path)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out_path.read_text())
 
@@ -105,9 +110,10 @@ def steered_run(request, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["mistral", "qwen3"])
 def other_architecture_run(request, tmp_path_factory):
-    """The other supported decoder layers, eager only (one engine each)."""
+    """The other supported decoder layers, eager only (one engine each), on
+    the torch fallback (the Llama/Qwen2 engines run the C kernel)."""
     model_dir = request.getfixturevalue(f"tiny_{request.param}_dir")
-    return _steered_runs(model_dir, tmp_path_factory.mktemp(f"engine-{request.param}"), ("eager",))
+    return _steered_runs(model_dir, tmp_path_factory.mktemp(f"engine-{request.param}"), ("eager-torch",))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +140,7 @@ def test_mixed_batch_matches_reference(steered_run, mode):
 
 def test_mistral_and_qwen3_layers_match_reference(other_architecture_run):
     runs, expected, expected_long = other_architecture_run
-    mixed, solo, _, long_runs = _batches(runs["eager"])
+    mixed, solo, _, long_runs = _batches(runs["eager-torch"])
     assert [r["token_ids"] for r in mixed] == expected
     assert [r["token_ids"] for r in solo] == expected
     assert [r["token_ids"] for r in long_runs] == expected_long
@@ -184,3 +190,14 @@ def test_bad_selections_are_refused_before_the_engine(steered_run):
     assert "must be finite" in errors[2]
     assert "at most 4 vectors" in errors[3]
     assert "invalid vector name" in errors[4]
+
+
+def test_engines_shift_with_the_cpu_kernel_or_its_fallback(steered_run, other_architecture_run):
+    """The Llama/Qwen2 engines ran the C kernel (when this install built it),
+    the Mistral/Qwen3 engines the torch fallback: both paths are covered end to end."""
+    from icv_vllm.kernels import cpu_kernel
+
+    runs, _, _ = steered_run
+    expected = "c" if cpu_kernel.AVAILABLE else "torch"
+    assert runs["eager"]["shift_path"] == runs["compiled"]["shift_path"] == expected
+    assert other_architecture_run[0]["eager-torch"]["shift_path"] == "torch"

@@ -1,0 +1,273 @@
+/* ICV shift (ICV_METHOD.md Section 2) on the CPU: one C call per decoder layer.
+ *
+ * The torch path costs ~15 small ops per layer; at decode sizes (tens of
+ * tokens) their dispatch, not the arithmetic, is the cost. This is the Triton
+ * kernel's algorithm as one loop over tokens: per steered token, one sweep
+ * reads x (into fp32 scratch) and its vectors for ||x||, x.v_k, ||v_k||; the
+ * next forms y = x/||x|| + sum_k c_k v_k and ||y||; the last writes
+ * ||x|| y/||y|| back in the hidden dtype (in place). fp32 throughout, every
+ * norm clamped to >= EPS.
+ *
+ * Built at install time as an optional extension (setup.py); without a C
+ * compiler the package falls back to the torch path. Pointers come from
+ * torch tensors the Python wrapper (icv_shift_cpu.py) has checked; indices
+ * read from the tables are range-checked here, so bad metadata is an error,
+ * never a wild read.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define EPS 1e-12f
+#define ENTRIES 4
+
+enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2 };
+
+/* One build, AVX2+FMA code where the CPU has it (picked at load by ifunc).
+ * x86-64-v3 is a feature level (AVX2, FMA, F16C); "arch=<cpu>" clones would
+ * be picked only on that CPU model. Twice as fast as the SSE2 default. */
+#if defined(ICV_PORTABLE_ONLY) /* tests build the baseline code alone with this */
+#define MULTIVERSION
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+#ifdef __FLT16_MANT_DIG__
+#define HAVE_FLOAT16 1
+typedef _Float16 half_t;
+#else
+#define HAVE_FLOAT16 0
+#endif
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* round to nearest even, NaN kept quiet: what torch's bfloat16 cast does */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t quiet_nan = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded); /* a select: vectorizes */
+}
+
+ALWAYS_INLINE void load_row(const void *row, int dtype, Py_ssize_t D, float *out) {
+    if (dtype == DTYPE_FLOAT32) {
+        memcpy(out, row, (size_t)D * sizeof(float));
+    } else if (dtype == DTYPE_BFLOAT16) {
+        const uint16_t *h = (const uint16_t *)row;
+        for (Py_ssize_t d = 0; d < D; d++) out[d] = bf16_to_float(h[d]);
+    }
+#if HAVE_FLOAT16
+    else {
+        const half_t *h = (const half_t *)row;
+        for (Py_ssize_t d = 0; d < D; d++) out[d] = (float)h[d];
+    }
+#endif
+}
+
+ALWAYS_INLINE void store_row(void *row, int dtype, Py_ssize_t D, const float *y, float scale) {
+    if (dtype == DTYPE_FLOAT32) {
+        float *h = (float *)row;
+        for (Py_ssize_t d = 0; d < D; d++) h[d] = y[d] * scale;
+    } else if (dtype == DTYPE_BFLOAT16) {
+        uint16_t *h = (uint16_t *)row;
+        for (Py_ssize_t d = 0; d < D; d++) h[d] = float_to_bf16(y[d] * scale);
+    }
+#if HAVE_FLOAT16
+    else {
+        half_t *h = (half_t *)row;
+        for (Py_ssize_t d = 0; d < D; d++) h[d] = (half_t)(y[d] * scale);
+    }
+#endif
+}
+
+/* 8 fp32 lanes in GCC/clang vector extensions (aligned(4): unaligned loads
+ * allowed): one AVX register in the x86-64-v3 build, two SSE ones otherwise.
+ * Sums run in two such accumulators each, independent FMA chains (one scalar
+ * sum would serialize on its latency, and may not be reordered without
+ * -ffast-math). */
+typedef float vf8 __attribute__((vector_size(32), aligned(4)));
+#define VLOAD(p) (*(const vf8 *)(p))
+#define LANES 8
+
+ALWAYS_INLINE float hsum(vf8 a, vf8 b) {
+    vf8 s = a + b;
+    float t = 0.0f;
+    for (int j = 0; j < LANES; j++) t += s[j];
+    return t;
+}
+
+/* One token, K entries (a constant after inlining, so loops over k unroll):
+ * x (fp32 scratch) -> x' written to `row`. Four sweeps of the row, all but
+ * the first two in L1: load, sums, y and ||y||, store. */
+ALWAYS_INLINE void shift_token_k(void *row, int dtype, Py_ssize_t D, float *restrict x,
+                                 const float *const *v, const float *lam, const int K) {
+    load_row(row, dtype, D, x);
+    vf8 xx0 = {0}, xx1 = {0}, xv0[ENTRIES] = {{0}}, xv1[ENTRIES] = {{0}}, vv0[ENTRIES] = {{0}},
+        vv1[ENTRIES] = {{0}};
+    Py_ssize_t d = 0;
+    for (; d + 2 * LANES <= D; d += 2 * LANES) { /* ||x||^2, x.v_k, ||v_k||^2 in one sweep */
+        vf8 a = VLOAD(x + d), b = VLOAD(x + d + LANES);
+        xx0 += a * a;
+        xx1 += b * b;
+        for (int k = 0; k < K; k++) {
+            vf8 p = VLOAD(v[k] + d), q = VLOAD(v[k] + d + LANES);
+            xv0[k] += a * p;
+            xv1[k] += b * q;
+            vv0[k] += p * p;
+            vv1[k] += q * q;
+        }
+    }
+    float xx = hsum(xx0, xx1), xv[ENTRIES], vv[ENTRIES];
+    for (int k = 0; k < K; k++) {
+        xv[k] = hsum(xv0[k], xv1[k]);
+        vv[k] = hsum(vv0[k], vv1[k]);
+    }
+    for (; d < D; d++) {
+        xx += x[d] * x[d];
+        for (int k = 0; k < K; k++) {
+            xv[k] += x[d] * v[k][d];
+            vv[k] += v[k][d] * v[k][d];
+        }
+    }
+    float nx = sqrtf(xx);
+    float inv_x = 1.0f / fmaxf(nx, EPS);
+    float c[ENTRIES];
+    for (int k = 0; k < K; k++) {
+        float inv_v = 1.0f / fmaxf(sqrtf(vv[k]), EPS);
+        float cos_neg = -xv[k] * inv_x * inv_v; /* cos(x, -v_k) */
+        c[k] = lam[k] * (1.0f + fmaxf(cos_neg, 0.0f)) * inv_v / (float)K;
+    }
+    /* y = x/||x|| + sum_k c_k v_k, kept in the scratch row; ||y||^2 from the
+     * stored y itself, so ||x'|| == ||x|| holds even where y nearly cancels */
+    vf8 yy0 = {0}, yy1 = {0};
+    for (d = 0; d + 2 * LANES <= D; d += 2 * LANES) {
+        vf8 y = VLOAD(x + d) * inv_x, z = VLOAD(x + d + LANES) * inv_x;
+        for (int k = 0; k < K; k++) {
+            y += c[k] * VLOAD(v[k] + d);
+            z += c[k] * VLOAD(v[k] + d + LANES);
+        }
+        *(vf8 *)(x + d) = y;
+        *(vf8 *)(x + d + LANES) = z;
+        yy0 += y * y;
+        yy1 += z * z;
+    }
+    float yy = hsum(yy0, yy1);
+    for (; d < D; d++) {
+        float y = x[d] * inv_x;
+        for (int k = 0; k < K; k++) y += c[k] * v[k][d];
+        x[d] = y;
+        yy += y * y;
+    }
+    store_row(row, dtype, D, x, nx / fmaxf(sqrtf(yy), EPS));
+}
+
+MULTIVERSION
+static void shift_token(void *row, int dtype, Py_ssize_t D, float *x, const float *const *v,
+                        const float *lam, int K) {
+    switch (K) {
+    case 1: shift_token_k(row, dtype, D, x, v, lam, 1); break;
+    case 2: shift_token_k(row, dtype, D, x, v, lam, 2); break;
+    case 3: shift_token_k(row, dtype, D, x, v, lam, 3); break;
+    default: shift_token_k(row, dtype, D, x, v, lam, 4); break;
+    }
+}
+
+/* shift(hidden, num_tokens, dim, row_stride, dtype, token_rows, entry_slots,
+ *       slots_stride, entry_scales, scales_stride, num_rows, bank, num_slots,
+ *       num_layers, layer) -- pointers as integers, strides in elements.
+ * Returns the number of tokens shifted. */
+static PyObject *shift(PyObject *self, PyObject *args) {
+    unsigned long long hidden_p, rows_p, slots_p, scales_p, bank_p;
+    Py_ssize_t T, D, row_stride, slots_stride, scales_stride, num_rows, num_slots, num_layers, layer;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "KnnniKKnKnnKnnn", &hidden_p, &T, &D, &row_stride, &dtype, &rows_p,
+                          &slots_p, &slots_stride, &scales_p, &scales_stride, &num_rows, &bank_p,
+                          &num_slots, &num_layers, &layer))
+        return NULL;
+    if (dtype != DTYPE_FLOAT32 && dtype != DTYPE_BFLOAT16 && !(dtype == DTYPE_FLOAT16 && HAVE_FLOAT16)) {
+        PyErr_Format(PyExc_ValueError, "icv_shift_cpu: unsupported dtype code %d", dtype);
+        return NULL;
+    }
+    if (D <= 0 || layer < 0 || layer >= num_layers) {
+        PyErr_Format(PyExc_ValueError, "icv_shift_cpu: bad shape (dim %zd, layer %zd of %zd)", D, layer,
+                     num_layers);
+        return NULL;
+    }
+    const int32_t *rows = (const int32_t *)(uintptr_t)rows_p;
+    const int32_t *slots = (const int32_t *)(uintptr_t)slots_p;
+    const float *scales = (const float *)(uintptr_t)scales_p;
+    const float *bank = (const float *)(uintptr_t)bank_p;
+    size_t elem = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    char *hidden = (char *)(uintptr_t)hidden_p;
+
+    float *scratch = NULL;
+    Py_ssize_t shifted = 0, bad_row = -1, bad_slot = -1, bad_token = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t t = 0; t < T; t++) {
+        int32_t r = rows[t];
+        if (r < 0) continue;
+        if (r >= num_rows) { bad_token = t; bad_row = r; break; }
+        const float *v[ENTRIES];
+        float lam[ENTRIES];
+        int K = 0;
+        for (int e = 0; e < ENTRIES; e++) {
+            int32_t s = slots[r * slots_stride + e];
+            if (s < 0) continue;
+            if (s >= num_slots) { bad_slot = s; break; }
+            v[K] = bank + ((size_t)s * num_layers + layer) * D;
+            lam[K] = scales[r * scales_stride + e];
+            K++;
+        }
+        if (bad_slot >= 0) { bad_token = t; bad_row = r; break; }
+        if (K == 0) continue;
+        if (scratch == NULL && (scratch = malloc((size_t)D * sizeof(float))) == NULL) { bad_token = -2; break; }
+        shift_token(hidden + (size_t)t * row_stride * elem, dtype, D, scratch, v, lam, K);
+        shifted++;
+    }
+    free(scratch);
+    Py_END_ALLOW_THREADS
+    if (bad_token == -2) return PyErr_NoMemory();
+    if (bad_slot >= 0) {
+        PyErr_Format(PyExc_IndexError, "icv_shift_cpu: token %zd, row %zd names slot %zd; the bank has %zd",
+                     bad_token, bad_row, bad_slot, num_slots);
+        return NULL;
+    }
+    if (bad_token >= 0) {
+        PyErr_Format(PyExc_IndexError, "icv_shift_cpu: token %zd names row %zd; the tables have %zd",
+                     bad_token, bad_row, num_rows);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(shifted);
+}
+
+static PyMethodDef methods[] = {
+    {"shift", shift, METH_VARARGS, "ICV shift of a [T, D] hidden-state block in place (see icv_shift_cpu.py)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_icv_shift_cpu", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__icv_shift_cpu(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "HAVE_FLOAT16", HAVE_FLOAT16) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,64 @@
+"""ICV shift (ICV_METHOD.md §2) on the CPU as one C call per decoder layer.
+
+The C loop (``icv_shift_cpu.c``, built at install time) is the Triton
+kernel's algorithm for one core: it reads the per-step tables itself, so a
+step needs no planning and a layer costs one call instead of ~15 torch ops
+(whose dispatch dominates at decode sizes). ``AVAILABLE`` is False when the
+extension was not built (no C compiler at install) or is switched off with
+``ICV_VLLM_CPU_KERNEL=0`` (to compare, or to test the fallback): callers then
+use the torch path, which computes the same thing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DISABLE_ENV = "ICV_VLLM_CPU_KERNEL"
+
+try:
+    from . import _icv_shift_cpu as _ext
+except ImportError:  # built without a C compiler: the torch path serves
+    _ext = None
+if os.environ.get(DISABLE_ENV, "1") == "0":
+    _ext = None
+
+AVAILABLE = _ext is not None
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+if _ext is not None and _ext.HAVE_FLOAT16:
+    _DTYPE_CODES[torch.float16] = 2
+
+
+def supports(hidden: torch.Tensor) -> bool:
+    """Whether ``icv_shift_cpu`` takes this hidden block (CPU, rows of unit stride, dtype)."""
+    return (AVAILABLE and hidden.device.type == "cpu" and hidden.dim() == 2
+            and hidden.dtype in _DTYPE_CODES and (hidden.stride(1) == 1 or hidden.shape[1] <= 1))
+
+
+def icv_shift_cpu(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots: torch.Tensor,
+                  entry_scales: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
+    """Shift ``hidden`` [T, D] in place; see ``icv_vllm.kernels.apply_icv_shift``."""
+    if not supports(hidden):
+        raise ValueError(f"icv_shift_cpu cannot take a {hidden.dtype} {tuple(hidden.shape)} tensor on "
+                         f"{hidden.device} with strides {hidden.stride()} (built: {AVAILABLE})")
+    T, D = hidden.shape
+    if (token_rows.dtype != torch.int32 or entry_slots.dtype != torch.int32
+            or entry_scales.dtype != torch.float32 or bank.dtype != torch.float32):
+        raise TypeError("icv_shift_cpu: token_rows/entry_slots must be int32, entry_scales/bank float32")
+    if token_rows.shape[0] < T or entry_slots.shape != entry_scales.shape or entry_slots.shape[1] != 4:
+        raise ValueError(f"icv_shift_cpu: tables do not fit: {T} tokens, token_rows "
+                         f"{tuple(token_rows.shape)}, slots {tuple(entry_slots.shape)}, "
+                         f"scales {tuple(entry_scales.shape)}")
+    if bank.dim() != 3 or bank.shape[2] != D or not bank.is_contiguous():
+        raise ValueError(f"icv_shift_cpu: bank must be a contiguous [S, L, {D}] tensor, got "
+                         f"{tuple(bank.shape)}")
+    for t in (token_rows, entry_slots, entry_scales):
+        if t.device.type != "cpu" or t.stride(-1) != 1:
+            raise ValueError("icv_shift_cpu: tables must be CPU tensors with unit last stride")
+    if T == 0:
+        return
+    _ext.shift(hidden.data_ptr(), T, D, hidden.stride(0), _DTYPE_CODES[hidden.dtype],
+               token_rows.data_ptr(), entry_slots.data_ptr(), entry_slots.stride(0),
+               entry_scales.data_ptr(), entry_scales.stride(0), entry_slots.shape[0],
+               bank.data_ptr(), bank.shape[0], bank.shape[1], layer)

@@ -1,0 +1,121 @@
+"""The C kernel (kernels/icv_shift_cpu.c) against the §2 transcription and
+the torch version, and its refusals of bad inputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from icv_vllm.kernels import cpu_kernel, icv_shift_cpu, icv_shift_torch
+
+from .test_icv_shift import DTYPES, TOL, bits, check, hand_case, make_case
+
+needs_c_kernel = pytest.mark.skipif(not cpu_kernel.AVAILABLE, reason="C kernel not built (no C compiler?)")
+
+
+def test_c_kernel_is_built_where_a_compiler_exists():
+    """setup.py builds it whenever a C compiler is on the PATH; a silent
+    fallback to the slower torch path would otherwise go unnoticed."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here: the torch path is expected")
+    assert cpu_kernel.AVAILABLE, "C compiler present but icv_vllm.kernels._icv_shift_cpu is missing: reinstall"
+
+
+@needs_c_kernel
+def test_hand_computation():
+    (hidden, *rest), expected = hand_case()
+    icv_shift_cpu(hidden, *rest)
+    torch.testing.assert_close(hidden, expected, atol=1e-6, rtol=1e-6)
+
+
+@needs_c_kernel
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d in cpu_kernel._DTYPE_CODES], ids=str)
+@pytest.mark.parametrize("D", [576, 64, 33])
+def test_matches_reference_and_torch(dtype, D):
+    """Every awkward feature of make_case (K = 1..4 with gaps, negative scales,
+    zero x, zero v, -1 tokens, x near +-v); D = 33 leaves a tail after the
+    32-wide partial sums."""
+    case = make_case(T=40, D=D, dtype=dtype, seed=D)
+    out = check(icv_shift_cpu, case)[0]
+    torch_out = case[0].clone()
+    icv_shift_torch(torch_out, *case[1:])
+    torch.testing.assert_close(out, torch_out, **TOL[dtype])
+
+
+@needs_c_kernel
+def test_fp16_available_with_a_modern_compiler():
+    assert torch.float16 in cpu_kernel._DTYPE_CODES  # GCC >= 12 / clang >= 15 know _Float16
+
+
+@needs_c_kernel
+def test_rows_with_a_stride_and_untouched_rest():
+    """hidden may be a view with row stride > D (vLLM slices a padded buffer)."""
+    hidden, rows, slots, scales, bank, layer = make_case(T=16, D=64)
+    wide = torch.randn(16, 80)
+    wide[:, :64] = hidden
+    view = wide[:, :64]
+    before = wide.clone()
+    icv_shift_cpu(view, rows, slots, scales, bank, layer)
+    expected = hidden.clone()
+    icv_shift_torch(expected, rows, slots, scales, bank, layer)
+    torch.testing.assert_close(view, expected, **TOL[torch.float32])
+    assert torch.equal(bits(wide[:, 64:]), bits(before[:, 64:]))
+
+
+@needs_c_kernel
+def test_bad_tables_are_errors_not_wild_reads():
+    hidden, rows, slots, scales, bank, layer = make_case(T=8, D=32)
+    with pytest.raises(IndexError, match="names row 99; the tables have 7"):
+        icv_shift_cpu(hidden.clone(), torch.tensor([0, 99] + [-1] * 6, dtype=torch.int32), slots, scales, bank, layer)
+    bad_slots = slots.clone()
+    bad_slots[0, 1] = 6
+    with pytest.raises(IndexError, match="names slot 6; the bank has 6"):
+        icv_shift_cpu(hidden.clone(), rows, bad_slots, scales, bank, layer)
+    with pytest.raises(ValueError, match="layer 3 of 3"):
+        icv_shift_cpu(hidden.clone(), rows, slots, scales, bank, 3)
+    with pytest.raises(TypeError, match="int32"):
+        icv_shift_cpu(hidden.clone(), rows.long(), slots, scales, bank, layer)
+    with pytest.raises(ValueError, match="tables do not fit"):
+        icv_shift_cpu(hidden.clone(), rows[:4], slots, scales, bank, layer)
+    with pytest.raises(ValueError, match="contiguous"):
+        icv_shift_cpu(hidden.clone(), rows, slots, scales, bank[:, :, :16], layer)
+    with pytest.raises(ValueError, match="cannot take"):
+        icv_shift_cpu(hidden.t(), rows, slots, scales, bank, layer)
+
+
+def test_switched_off_by_environment():
+    code = ("import torch; from icv_vllm.kernels import cpu_kernel; "
+            "assert not cpu_kernel.AVAILABLE and not cpu_kernel.supports(torch.zeros(2, 2))")
+    env = {**os.environ, cpu_kernel.DISABLE_ENV: "0"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_portable_build_matches_too(tmp_path):
+    """The installed module picks AVX2+FMA code where the CPU has it; build the
+    baseline (SSE2) code alone, as other CPUs run it, and compare."""
+    import importlib.util
+    import sysconfig
+    from pathlib import Path
+
+    source = Path(cpu_kernel.__file__).with_name("icv_shift_cpu.c")
+    target = tmp_path / ("_icv_shift_cpu" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(["cc", "-O3", "-fno-math-errno", "-Wno-psabi", "-DICV_PORTABLE_ONLY", "-shared", "-fPIC",
+                    f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(target)], check=True)
+    spec = importlib.util.spec_from_file_location("_icv_shift_cpu", target)
+    portable = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(portable)
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden, rows, slots, scales, bank, layer = make_case(T=40, D=576, dtype=dtype, seed=5)
+        out = hidden.clone()
+        portable.shift(out.data_ptr(), 40, 576, 576, cpu_kernel._DTYPE_CODES[dtype], rows.data_ptr(),
+                       slots.data_ptr(), 4, scales.data_ptr(), 4, len(slots), bank.data_ptr(),
+                       bank.shape[0], bank.shape[1], layer)
+        expected = hidden.clone()
+        icv_shift_torch(expected, rows, slots, scales, bank, layer)
+        torch.testing.assert_close(out, expected, **TOL[dtype])
