@@ -96,14 +96,22 @@ ALWAYS_INLINE void store_row(void *row, int dtype, Py_ssize_t D, const float *y,
 #endif
 }
 
-/* 8 fp32 lanes in GCC/clang vector extensions (aligned(4): unaligned loads
- * allowed): one AVX register in the x86-64-v3 build, two SSE ones otherwise.
+/* 8 fp32 lanes in GCC/clang vector extensions: one AVX register in the
+ * x86-64-v3 build, two SSE ones otherwise.
  * Sums run in two such accumulators each, independent FMA chains (one scalar
  * sum would serialize on its latency, and may not be reordered without
  * -ffast-math). */
-typedef float vf8 __attribute__((vector_size(32), aligned(4)));
-#define VLOAD(p) (*(const vf8 *)(p))
+typedef float vf8 __attribute__((vector_size(32)));
 #define LANES 8
+
+/* unaligned, alias-safe vector load/store (memcpy compiles to one vmovups) */
+ALWAYS_INLINE vf8 vload(const float *p) {
+    vf8 r;
+    memcpy(&r, p, sizeof r);
+    return r;
+}
+
+ALWAYS_INLINE void vstore(float *p, vf8 a) { memcpy(p, &a, sizeof a); }
 
 ALWAYS_INLINE float hsum(vf8 a, vf8 b) {
     vf8 s = a + b;
@@ -122,11 +130,11 @@ ALWAYS_INLINE void shift_token_k(void *row, int dtype, Py_ssize_t D, float *rest
         vv1[ENTRIES] = {{0}};
     Py_ssize_t d = 0;
     for (; d + 2 * LANES <= D; d += 2 * LANES) { /* ||x||^2, x.v_k, ||v_k||^2 in one sweep */
-        vf8 a = VLOAD(x + d), b = VLOAD(x + d + LANES);
+        vf8 a = vload(x + d), b = vload(x + d + LANES);
         xx0 += a * a;
         xx1 += b * b;
         for (int k = 0; k < K; k++) {
-            vf8 p = VLOAD(v[k] + d), q = VLOAD(v[k] + d + LANES);
+            vf8 p = vload(v[k] + d), q = vload(v[k] + d + LANES);
             xv0[k] += a * p;
             xv1[k] += b * q;
             vv0[k] += p * p;
@@ -157,13 +165,13 @@ ALWAYS_INLINE void shift_token_k(void *row, int dtype, Py_ssize_t D, float *rest
      * stored y itself, so ||x'|| == ||x|| holds even where y nearly cancels */
     vf8 yy0 = {0}, yy1 = {0};
     for (d = 0; d + 2 * LANES <= D; d += 2 * LANES) {
-        vf8 y = VLOAD(x + d) * inv_x, z = VLOAD(x + d + LANES) * inv_x;
+        vf8 y = vload(x + d) * inv_x, z = vload(x + d + LANES) * inv_x;
         for (int k = 0; k < K; k++) {
-            y += c[k] * VLOAD(v[k] + d);
-            z += c[k] * VLOAD(v[k] + d + LANES);
+            y += c[k] * vload(v[k] + d);
+            z += c[k] * vload(v[k] + d + LANES);
         }
-        *(vf8 *)(x + d) = y;
-        *(vf8 *)(x + d + LANES) = z;
+        vstore(x + d, y);
+        vstore(x + d + LANES, z);
         yy0 += y * y;
         yy1 += z * z;
     }

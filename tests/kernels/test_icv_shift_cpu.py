@@ -3,6 +3,7 @@ the torch version, and its refusals of bad inputs."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -15,14 +16,20 @@ from icv_vllm.kernels import cpu_kernel, icv_shift_cpu, icv_shift_torch
 
 from .test_icv_shift import DTYPES, TOL, bits, check, hand_case, make_case
 
-needs_c_kernel = pytest.mark.skipif(not cpu_kernel.AVAILABLE, reason="C kernel not built (no C compiler?)")
+needs_c_kernel = pytest.mark.skipif(not cpu_kernel.AVAILABLE, reason="C kernel off: not built (no C compiler?) or ICV_VLLM_CPU_KERNEL=0")
 
 
 def test_c_kernel_is_built_where_a_compiler_exists():
-    """setup.py builds it whenever a C compiler is on the PATH; a silent
-    fallback to the slower torch path would otherwise go unnoticed."""
+    """Installing the package builds it whenever a C compiler is on the PATH;
+    a silent fallback to the slower torch path would otherwise go unnoticed."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler here: the torch path is expected")
+    if os.environ.get(cpu_kernel.DISABLE_ENV) == "0":
+        pytest.skip(f"switched off by {cpu_kernel.DISABLE_ENV}=0")
+    try:
+        importlib.metadata.distribution("icv-vllm")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("kernels imported from a bare checkout (benchmarks/gpu_check.sh): nothing was built")
     assert cpu_kernel.AVAILABLE, "C compiler present but icv_vllm.kernels._icv_shift_cpu is missing: reinstall"
 
 
