@@ -8,7 +8,9 @@ Three engines, each in its own process, on the same model and workload
   steered-torch  (with --compare-torch) the same, the C kernel switched off
              (ICV_VLLM_CPU_KERNEL=0): the torch fallback, on the CPU
 Each engine does one warm-up generate, then --repeats timed generates; the
-best is kept. Rounds alternate the engines to spread machine noise.
+best is kept. Rounds alternate the engines to spread machine noise; the table
+gives the ratio of the best runs and, per round, the ratio to that round's
+plain engine (with their median).
 
     python benchmarks/throughput.py --model .cache/models/SmolLM2-135M-Instruct
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,8 +86,9 @@ def main() -> None:
     vector_dir = Path(tempfile.mkdtemp(prefix="icv-bench-"))
     _write_vectors(args.model, vector_dir, args.distinct)
     configs = CONFIGS if args.compare_torch else CONFIGS[:3]
-    best: dict[str, float] = {}
+    rounds: list[dict[str, float]] = []  # per round: config -> its best tokens/s in that round
     for _ in range(args.rounds):
+        rounds.append({})
         for config in configs:
             env = dict(os.environ, ICV_VLLM_DIR=str(vector_dir), VLLM_NO_USAGE_STATS="1",
                        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
@@ -98,18 +102,25 @@ def main() -> None:
             if proc.returncode != 0 or not lines:
                 sys.exit(f"{config} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
             result = json.loads(lines[-1][len("RESULT "):])
-            best[config] = max(best.get(config, 0.0), result["tokens_per_s"])
+            rounds[-1][config] = result["tokens_per_s"]
             print(f"{config}: {result['tokens_per_s']:.1f} tokens/s", flush=True)
     mode = "eager" if args.eager else "compiled"
+    best = {config: max(r[config] for r in rounds) for config in configs}
+    # each round's ratio to that round's plain engine: machine noise that spans
+    # a round (minutes) cancels; the median over rounds resists one outlier run
+    per_round = {config: sorted(r[config] / r["plain"] for r in rounds) for config in configs}
     table = [
         f"Model {Path(args.model).name}, {args.num_prompts} prompts x {args.max_tokens} tokens, "
-        f"{mode}, {args.distinct} distinct vectors when steered, best of {args.repeats}x{args.rounds}.",
+        f"{mode}, {args.distinct} distinct vectors when steered, {args.rounds} rounds, "
+        f"best of {args.repeats} runs per engine and round.",
         "",
-        "| engine | output tokens/s | ratio to plain vLLM |",
-        "|---|---|---|",
+        "| engine | best output tokens/s | ratio of bests | ratio per round (sorted) | median ratio |",
+        "|---|---|---|---|---|",
     ]
     for config in configs:
-        table.append(f"| {config} | {best[config]:.1f} | {best[config] / best['plain']:.3f} |")
+        ratios = per_round[config]
+        table.append(f"| {config} | {best[config]:.1f} | {best[config] / best['plain']:.3f} | "
+                     f"{', '.join(f'{x:.3f}' for x in ratios)} | {statistics.median(ratios):.3f} |")
     text = "\n".join(table)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@
  * Built at install time as an optional extension (setup.py); without a C
  * compiler the package falls back to the torch path. Pointers come from
  * torch tensors the Python wrapper (icv_shift_cpu.py) has checked; indices
- * read from the tables are range-checked here, so bad metadata is an error,
- * never a wild read.
+ * read from the tables are range-checked here before anything is written, so
+ * bad metadata is an error that leaves hidden untouched, never a wild read.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -224,33 +224,19 @@ static PyObject *shift(PyObject *self, PyObject *args) {
     size_t elem = dtype == DTYPE_FLOAT32 ? 4 : 2;
     char *hidden = (char *)(uintptr_t)hidden_p;
 
-    float *scratch = NULL;
-    Py_ssize_t shifted = 0, bad_row = -1, bad_slot = -1, bad_token = -1;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t t = 0; t < T; t++) {
+    /* check every index first: bad tables are refused with hidden untouched */
+    Py_ssize_t bad_token = -1, bad_row = -1, bad_slot = -1;
+    for (Py_ssize_t t = 0; t < T && bad_token < 0; t++) {
         int32_t r = rows[t];
         if (r < 0) continue;
-        if (r >= num_rows) { bad_token = t; bad_row = r; break; }
-        const float *v[ENTRIES];
-        float lam[ENTRIES];
-        int K = 0;
-        for (int e = 0; e < ENTRIES; e++) {
-            int32_t s = slots[r * slots_stride + e];
-            if (s < 0) continue;
-            if (s >= num_slots) { bad_slot = s; break; }
-            v[K] = bank + ((size_t)s * num_layers + layer) * D;
-            lam[K] = scales[r * scales_stride + e];
-            K++;
-        }
-        if (bad_slot >= 0) { bad_token = t; bad_row = r; break; }
-        if (K == 0) continue;
-        if (scratch == NULL && (scratch = malloc((size_t)D * sizeof(float))) == NULL) { bad_token = -2; break; }
-        shift_token(hidden + (size_t)t * row_stride * elem, dtype, D, scratch, v, lam, K);
-        shifted++;
+        if (r >= num_rows) bad_token = t, bad_row = r;
+        else
+            for (int e = 0; e < ENTRIES; e++)
+                if (slots[r * slots_stride + e] >= num_slots) {
+                    bad_token = t, bad_row = r, bad_slot = slots[r * slots_stride + e];
+                    break;
+                }
     }
-    free(scratch);
-    Py_END_ALLOW_THREADS
-    if (bad_token == -2) return PyErr_NoMemory();
     if (bad_slot >= 0) {
         PyErr_Format(PyExc_IndexError, "icv_shift_cpu: token %zd, row %zd names slot %zd; the bank has %zd",
                      bad_token, bad_row, bad_slot, num_slots);
@@ -261,6 +247,29 @@ static PyObject *shift(PyObject *self, PyObject *args) {
                      bad_token, bad_row, num_rows);
         return NULL;
     }
+    float *scratch = malloc((size_t)D * sizeof(float));
+    if (scratch == NULL) return PyErr_NoMemory();
+    Py_ssize_t shifted = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t t = 0; t < T; t++) {
+        int32_t r = rows[t];
+        if (r < 0) continue;
+        const float *v[ENTRIES];
+        float lam[ENTRIES];
+        int K = 0;
+        for (int e = 0; e < ENTRIES; e++) {
+            int32_t s = slots[r * slots_stride + e];
+            if (s < 0) continue;
+            v[K] = bank + ((size_t)s * num_layers + layer) * D;
+            lam[K] = scales[r * scales_stride + e];
+            K++;
+        }
+        if (K == 0) continue;
+        shift_token(hidden + (size_t)t * row_stride * elem, dtype, D, scratch, v, lam, K);
+        shifted++;
+    }
+    Py_END_ALLOW_THREADS
+    free(scratch);
     return PyLong_FromSsize_t(shifted);
 }
 

@@ -39,26 +39,46 @@ def supports(hidden: torch.Tensor) -> bool:
 def icv_shift_cpu(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots: torch.Tensor,
                   entry_scales: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
     """Shift ``hidden`` [T, D] in place; see ``icv_vllm.kernels.apply_icv_shift``."""
-    if not supports(hidden):
-        raise ValueError(f"icv_shift_cpu cannot take a {hidden.dtype} {tuple(hidden.shape)} tensor on "
-                         f"{hidden.device} with strides {hidden.stride()} (built: {AVAILABLE})")
-    T, D = hidden.shape
-    if (token_rows.dtype != torch.int32 or entry_slots.dtype != torch.int32
-            or entry_scales.dtype != torch.float32 or bank.dtype != torch.float32):
-        raise TypeError("icv_shift_cpu: token_rows/entry_slots must be int32, entry_scales/bank float32")
-    if token_rows.shape[0] < T or entry_slots.shape != entry_scales.shape or entry_slots.shape[1] != 4:
-        raise ValueError(f"icv_shift_cpu: tables do not fit: {T} tokens, token_rows "
-                         f"{tuple(token_rows.shape)}, slots {tuple(entry_slots.shape)}, "
-                         f"scales {tuple(entry_scales.shape)}")
-    if bank.dim() != 3 or bank.shape[2] != D or not bank.is_contiguous():
-        raise ValueError(f"icv_shift_cpu: bank must be a contiguous [S, L, {D}] tensor, got "
-                         f"{tuple(bank.shape)}")
+    BoundTables(token_rows, entry_slots, entry_scales)(hidden, bank, layer)
+
+
+class BoundTables:
+    """The C kernel bound to one set of tables, checked once: the plugin binds
+    its persistent per-step buffers at start-up, so a per-layer call only
+    looks at hidden and the bank (which may be regrown between steps).
+    Indices read from the tables are still range-checked in C on every call."""
+
+    def __init__(self, token_rows: torch.Tensor, entry_slots: torch.Tensor, entry_scales: torch.Tensor):
+        _check_tables(token_rows, entry_slots, entry_scales)
+        self.max_tokens = token_rows.shape[0]
+        self._tables = (token_rows.data_ptr(), entry_slots.data_ptr(), entry_slots.stride(0),
+                        entry_scales.data_ptr(), entry_scales.stride(0), entry_slots.shape[0])
+
+    def __call__(self, hidden: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
+        if not supports(hidden):
+            raise ValueError(f"icv_shift_cpu cannot take a {hidden.dtype} {tuple(hidden.shape)} tensor on "
+                             f"{hidden.device} with strides {hidden.stride()} (built: {AVAILABLE})")
+        T, D = hidden.shape
+        if T > self.max_tokens:
+            raise ValueError(f"icv_shift_cpu: tables do not fit: {T} tokens, token_rows has {self.max_tokens}")
+        if (bank.dtype != torch.float32 or bank.dim() != 3 or bank.shape[2] != D
+                or not bank.is_contiguous() or bank.device.type != "cpu"):
+            raise ValueError(f"icv_shift_cpu: bank must be a contiguous float32 [S, L, {D}] CPU tensor, "
+                             f"got {bank.dtype} {tuple(bank.shape)}")
+        if T:
+            rows, slots, slots_stride, scales, scales_stride, num_rows = self._tables
+            _ext.shift(hidden.data_ptr(), T, D, hidden.stride(0), _DTYPE_CODES[hidden.dtype], rows,
+                       slots, slots_stride, scales, scales_stride, num_rows,
+                       bank.data_ptr(), bank.shape[0], bank.shape[1], layer)
+
+
+def _check_tables(token_rows: torch.Tensor, entry_slots: torch.Tensor, entry_scales: torch.Tensor) -> None:
+    if token_rows.dtype != torch.int32 or entry_slots.dtype != torch.int32 or entry_scales.dtype != torch.float32:
+        raise TypeError("icv_shift_cpu: token_rows/entry_slots must be int32, entry_scales float32")
+    if (token_rows.dim() != 1 or entry_slots.dim() != 2 or entry_slots.shape != entry_scales.shape
+            or entry_slots.shape[1] != 4):
+        raise ValueError(f"icv_shift_cpu: tables do not fit: token_rows {tuple(token_rows.shape)}, "
+                         f"slots {tuple(entry_slots.shape)}, scales {tuple(entry_scales.shape)}")
     for t in (token_rows, entry_slots, entry_scales):
         if t.device.type != "cpu" or t.stride(-1) != 1:
             raise ValueError("icv_shift_cpu: tables must be CPU tensors with unit last stride")
-    if T == 0:
-        return
-    _ext.shift(hidden.data_ptr(), T, D, hidden.stride(0), _DTYPE_CODES[hidden.dtype],
-               token_rows.data_ptr(), entry_slots.data_ptr(), entry_slots.stride(0),
-               entry_scales.data_ptr(), entry_scales.stride(0), entry_slots.shape[0],
-               bank.data_ptr(), bank.shape[0], bank.shape[1], layer)

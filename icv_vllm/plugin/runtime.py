@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..kernels import apply_icv_shift, cpu_kernel, icv_shift_cpu, icv_shift_planned, plan_icv_shift
+from ..kernels import apply_icv_shift, cpu_kernel, icv_shift_planned, plan_icv_shift
 from ..spec import MAX_VECTORS_PER_REQUEST
 from .admission import CAPTURE_EXTRA_ARGS_KEY
 from .config import plugin_config
@@ -42,6 +42,7 @@ class SteeringRuntime:
         # not depend on a Python branch); on the CPU it skips unsteered steps.
         self.always_launch = False
         self.shift_path: str | None = None  # a SHIFT_PATHS key, once set up
+        self._cpu_shift: Any = None  # the C kernel bound to the step tables (CPU)
         self.active = False
         self._step = 0
         self._plan_key: tuple[int, int] | None = None
@@ -69,7 +70,10 @@ class SteeringRuntime:
                                growable=device.type != "cuda")
         self.metadata = StepMetadata(runner.max_num_tokens, runner.max_num_reqs, device)
         self.always_launch = device.type == "cuda"
-        self.shift_path = "triton" if device.type == "cuda" else "c" if cpu_kernel.AVAILABLE else "torch"
+        if device.type == "cpu" and cpu_kernel.AVAILABLE:  # tables checked once, here
+            self._cpu_shift = cpu_kernel.BoundTables(self.metadata.token_rows, self.metadata.entry_slots,
+                                                     self.metadata.entry_scales)
+        self.shift_path = "triton" if device.type == "cuda" else "c" if self._cpu_shift else "torch"
         logger.info("icv: steering %d decoder layers of %s, %d vector slots, vectors from %s; "
                     "shift by %s", len(self.layers), type(model).__name__, config.max_slots,
                     config.vector_dir, SHIFT_PATHS[self.shift_path])
@@ -131,9 +135,8 @@ class SteeringRuntime:
             apply_icv_shift(hidden_states, m.token_rows, m.entry_slots, m.entry_scales,
                             self.bank.tensor, layer)
             return
-        if cpu_kernel.supports(hidden_states):  # CPU: one C call reads the tables itself
-            icv_shift_cpu(hidden_states, m.token_rows, m.entry_slots, m.entry_scales,
-                          self.bank.tensor, layer)
+        if self._cpu_shift is not None and cpu_kernel.supports(hidden_states):
+            self._cpu_shift(hidden_states, self.bank.tensor, layer)  # one C call reads the tables
             return
         # torch fallback: which tokens use which vectors is the same for every
         # layer of a step, so it is worked out once per step, not once per layer.

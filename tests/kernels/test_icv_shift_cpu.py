@@ -76,13 +76,17 @@ def test_rows_with_a_stride_and_untouched_rest():
 
 @needs_c_kernel
 def test_bad_tables_are_errors_not_wild_reads():
+    """Refused before anything is written (token 0 is fine, a later one is not)."""
     hidden, rows, slots, scales, bank, layer = make_case(T=8, D=32)
-    with pytest.raises(IndexError, match="names row 99; the tables have 7"):
-        icv_shift_cpu(hidden.clone(), torch.tensor([0, 99] + [-1] * 6, dtype=torch.int32), slots, scales, bank, layer)
+    out = hidden.clone()
+    with pytest.raises(IndexError, match="token 1 names row 99; the tables have 7"):
+        icv_shift_cpu(out, torch.tensor([0, 99] + [-1] * 6, dtype=torch.int32), slots, scales, bank, layer)
+    assert torch.equal(bits(out), bits(hidden))
     bad_slots = slots.clone()
-    bad_slots[0, 1] = 6
-    with pytest.raises(IndexError, match="names slot 6; the bank has 6"):
-        icv_shift_cpu(hidden.clone(), rows, bad_slots, scales, bank, layer)
+    bad_slots[2, 3] = 6
+    with pytest.raises(IndexError, match="row 2 names slot 6; the bank has 6"):
+        icv_shift_cpu(out, rows, bad_slots, scales, bank, layer)
+    assert torch.equal(bits(out), bits(hidden))
     with pytest.raises(ValueError, match="layer 3 of 3"):
         icv_shift_cpu(hidden.clone(), rows, slots, scales, bank, 3)
     with pytest.raises(TypeError, match="int32"):
@@ -126,3 +130,24 @@ def test_portable_build_matches_too(tmp_path):
         expected = hidden.clone()
         icv_shift_torch(expected, rows, slots, scales, bank, layer)
         torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+@needs_c_kernel
+def test_bound_tables_follow_refills_and_a_regrown_bank():
+    """The plugin binds its persistent buffers once; each call must read the
+    tables' current contents and whatever bank tensor it is given."""
+    hidden, rows, slots, scales, bank, layer = make_case(T=16, D=64, seed=3)
+    token_rows, entry_slots, entry_scales = rows.clone(), torch.full_like(slots, -1), torch.zeros_like(scales)
+    bound = cpu_kernel.BoundTables(token_rows, entry_slots, entry_scales)
+    out = hidden.clone()
+    bound(out, bank, layer)  # tables still empty: nothing to do
+    assert torch.equal(bits(out), bits(hidden))
+    entry_slots.copy_(slots)
+    entry_scales.copy_(scales)
+    grown = torch.cat([bank, torch.randn(6, *bank.shape[1:])])  # a new, larger tensor
+    bound(out, grown, layer)
+    expected = hidden.clone()
+    icv_shift_torch(expected, rows, slots, scales, bank, layer)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="tables do not fit: 22 tokens, token_rows has 21"):
+        bound(torch.zeros(22, 64), bank, layer)
