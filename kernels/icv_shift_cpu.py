@@ -39,7 +39,9 @@ def supports(hidden: torch.Tensor) -> bool:
 def icv_shift_cpu(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots: torch.Tensor,
                   entry_scales: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
     """Shift ``hidden`` [T, D] in place; see ``icv_vllm.kernels.apply_icv_shift``."""
-    BoundTables(token_rows, entry_slots, entry_scales)(hidden, bank, layer)
+    if not BoundTables(token_rows, entry_slots, entry_scales)(hidden, bank, layer):
+        raise ValueError(f"icv_shift_cpu cannot take a {hidden.dtype} {tuple(hidden.shape)} tensor on "
+                         f"{hidden.device} with strides {hidden.stride()} (built: {AVAILABLE})")
 
 
 class BoundTables:
@@ -50,14 +52,16 @@ class BoundTables:
 
     def __init__(self, token_rows: torch.Tensor, entry_slots: torch.Tensor, entry_scales: torch.Tensor):
         _check_tables(token_rows, entry_slots, entry_scales)
+        self._keep_alive = (token_rows, entry_slots, entry_scales)  # their pointers are kept below
         self.max_tokens = token_rows.shape[0]
         self._tables = (token_rows.data_ptr(), entry_slots.data_ptr(), entry_slots.stride(0),
                         entry_scales.data_ptr(), entry_scales.stride(0), entry_slots.shape[0])
 
-    def __call__(self, hidden: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
+    def __call__(self, hidden: torch.Tensor, bank: torch.Tensor, layer: int) -> bool:
+        """Shift ``hidden`` in place; False (nothing done) when ``supports(hidden)``
+        is not true, so that the caller takes another path."""
         if not supports(hidden):
-            raise ValueError(f"icv_shift_cpu cannot take a {hidden.dtype} {tuple(hidden.shape)} tensor on "
-                             f"{hidden.device} with strides {hidden.stride()} (built: {AVAILABLE})")
+            return False
         T, D = hidden.shape
         if T > self.max_tokens:
             raise ValueError(f"icv_shift_cpu: tables do not fit: {T} tokens, token_rows has {self.max_tokens}")
@@ -70,6 +74,7 @@ class BoundTables:
             _ext.shift(hidden.data_ptr(), T, D, hidden.stride(0), _DTYPE_CODES[hidden.dtype], rows,
                        slots, slots_stride, scales, scales_stride, num_rows,
                        bank.data_ptr(), bank.shape[0], bank.shape[1], layer)
+        return True
 
 
 def _check_tables(token_rows: torch.Tensor, entry_slots: torch.Tensor, entry_scales: torch.Tensor) -> None:

@@ -135,9 +135,8 @@ class SteeringRuntime:
             apply_icv_shift(hidden_states, m.token_rows, m.entry_slots, m.entry_scales,
                             self.bank.tensor, layer)
             return
-        if self._cpu_shift is not None and cpu_kernel.supports(hidden_states):
-            self._cpu_shift(hidden_states, self.bank.tensor, layer)  # one C call reads the tables
-            return
+        if self._cpu_shift is not None and self._cpu_shift(hidden_states, self.bank.tensor, layer):
+            return  # one C call, which read the tables itself
         # torch fallback: which tokens use which vectors is the same for every
         # layer of a step, so it is worked out once per step, not once per layer.
         key = (self._step, hidden_states.shape[0])

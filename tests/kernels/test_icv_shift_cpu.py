@@ -151,3 +151,12 @@ def test_bound_tables_follow_refills_and_a_regrown_bank():
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
     with pytest.raises(ValueError, match="tables do not fit: 22 tokens, token_rows has 21"):
         bound(torch.zeros(22, 64), bank, layer)
+
+
+@needs_c_kernel
+def test_bound_tables_decline_what_they_cannot_take():
+    hidden, rows, slots, scales, bank, layer = make_case(T=8, D=32)
+    bound = cpu_kernel.BoundTables(rows, slots, scales)
+    strided = hidden.t().contiguous().t()
+    assert bound(strided, bank, layer) is False and torch.equal(strided, hidden)
+    assert bound(hidden.clone(), bank, layer) is True
