@@ -1,4 +1,4 @@
-/* ICV shift (ICV_METHOD.md Section 2) on the CPU: one C call per decoder layer.
+/* ICV shift (docs/method.md §2) on the CPU: one C call per decoder layer.
  *
  * The torch path costs ~15 small ops per layer; at decode sizes (tens of
  * tokens) their dispatch, not the arithmetic, is the cost. This is the Triton

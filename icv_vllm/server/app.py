@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from starlette.middleware import Middleware
 
-from ..plugin.config import ENV_DIR, plugin_config
+from ..config import ENV_DIR, plugin_config
 from .errors import ICVHTTPError, handle_icv_http_error
 from .management import PREFIX, STATE_KEY, router
 from .middleware import ICVRequestMiddleware
@@ -31,7 +31,7 @@ def install(app: Any, args: Any) -> ICVServer:
     check_api_key_covers(PREFIX)
     # innermost (add_middleware would make it outermost): runs after vLLM's
     # --api-key check and CORS, right before routing
-    app.user_middleware.append(Middleware(ICVRequestMiddleware, resolve=server.resolve))
+    app.user_middleware.append(Middleware(ICVRequestMiddleware, admit=server.admit, own_prefix=PREFIX))
     app.include_router(router)
     app.add_exception_handler(ICVHTTPError, handle_icv_http_error)
     reset_middleware_stack(app)

@@ -7,11 +7,18 @@ the authors do, tokenize it alone with the tokenizer's default special tokens
 token (here computed by the running engine, batched with live traffic),
 difference target - input, then ``icv_from_streams``. No second copy of
 the model is loaded.
+
+Serving comes first: sizes are checked before any tokenizing, tokenizing and
+the PCA run in threads (the event loop serves everyone else), and the
+capture requests go to the engine in small waves (``capture_client``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +28,11 @@ from .errors import ICVHTTPError
 from .vllm_hooks import engine_tokenizer
 
 METHODS = ("pca", "mean")
-# Bounds one request's work and the residual streams held until collected.
+# Bound one request's work, checked before anything is tokenized:
+# demonstrations are sentences, and 1M characters tokenize in about a second.
 MAX_PAIRS = 512
+MAX_TEXT_CHARS = 16384
+MAX_TOTAL_CHARS = 1_000_000
 CREATE_KEYS = ("name", "pairs", "method", "overwrite")
 
 
@@ -56,6 +66,7 @@ def parse_create_body(body: object) -> CreateRequest:
         raise ICVHTTPError(400, str(e), "pairs") from None
     if len(pairs) > MAX_PAIRS:
         raise ICVHTTPError(400, f"at most {MAX_PAIRS} pairs per request, got {len(pairs)}", "pairs")
+    _check_sizes(pairs)
     method = body.get("method", "pca")
     if method not in METHODS:
         raise ICVHTTPError(400, f"method must be one of {', '.join(METHODS)}, got {method!r}", "method")
@@ -63,6 +74,20 @@ def parse_create_body(body: object) -> CreateRequest:
     if not isinstance(overwrite, bool):
         raise ICVHTTPError(400, f"overwrite must be true or false, got {overwrite!r}", "overwrite")
     return CreateRequest(name, pairs, method, overwrite)
+
+
+def _check_sizes(pairs: list[DemoPair]) -> None:
+    total = 0
+    for pair in pairs:
+        for key in ("input", "target"):
+            size = len(getattr(pair, key))
+            if size > MAX_TEXT_CHARS:
+                raise ICVHTTPError(400, f"{pair.where}.{key} is {size} characters; at most "
+                                        f"{MAX_TEXT_CHARS} per text", "pairs")
+            total += size
+    if total > MAX_TOTAL_CHARS:
+        raise ICVHTTPError(400, f"the pairs hold {total} characters; at most {MAX_TOTAL_CHARS} "
+                                "per request", "pairs")
 
 
 def cleaned_texts(pairs: list[DemoPair]) -> list[str]:
@@ -88,17 +113,37 @@ def tokenize(tokenizer: Any, texts: list[str], pairs: list[DemoPair], max_model_
     return ids
 
 
+_private_tokenizers: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+_private_lock = threading.Lock()
+
+
+def private_tokenizer(engine_client: Any) -> Any:
+    """A copy of the engine's tokenizer for this module's threads: Hugging Face
+    fast tokenizers change their truncation state per call and refuse
+    concurrent use ("Already borrowed") with vLLM's own tokenizing thread."""
+    with _private_lock:
+        tokenizer = _private_tokenizers.get(engine_client)
+        if tokenizer is None:
+            tokenizer = copy.deepcopy(engine_tokenizer(engine_client))
+            _private_tokenizers[engine_client] = tokenizer
+        return tokenizer
+
+
+def _tokenize_all(engine_client: Any, request: CreateRequest, max_model_len: int) -> list[list[int]]:
+    texts = cleaned_texts(request.pairs)
+    return tokenize(private_tokenizer(engine_client), texts, request.pairs, max_model_len)
+
+
 async def extract_in_server(engine_client: Any, request: CreateRequest):
     """The ICV of ``request.pairs`` computed by the running engine."""
     import torch
 
-    from ..plugin.capture import capture_residual_streams
+    from ..frontend.capture_client import capture_residual_streams
     from ..vectors.extraction import icv_from_streams
     from ..vectors.vector import ICVector
 
     model_config = engine_client.vllm_config.model_config
-    texts = cleaned_texts(request.pairs)
-    ids = tokenize(engine_tokenizer(engine_client), texts, request.pairs, model_config.max_model_len)
+    ids = _tokenize_all(engine_client, request, model_config.max_model_len)
     streams: torch.Tensor = await capture_residual_streams(engine_client, ids)
     tensor = await asyncio.to_thread(icv_from_streams, streams, request.method)
     return ICVector(tensor, model=str(model_config.model), method=request.method,

@@ -5,7 +5,9 @@ keeps that behind ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``. Under ``/v1``, so
 vLLM's ``--api-key`` check covers these routes.
 
 A created vector is usable by the next request: requests resolve names
-against the directory each time.
+against the directory each time. File work runs in threads; an extraction
+stops (and writes nothing) when its client disconnects or the server shuts
+down (``abandon``).
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ import logging
 
 from fastapi import APIRouter, Request
 
+from .abandon import server_stopping, until_abandoned
 from .errors import ICVHTTPError
-from .extraction import extract_in_server, parse_create_body
+from .extraction import CreateRequest, extract_in_server, parse_create_body
 from .state import ICVServer
+from .vllm_hooks import STATE_ENGINE_CLIENT
 
 logger = logging.getLogger("vllm.icv_vllm.server")
 
 PREFIX = "/v1/icv"
 STATE_KEY = "icv_server"
+# Room for MAX_PAIRS pairs of MAX_TEXT_CHARS-bounded texts, JSON-escaped.
+MAX_CREATE_BODY_BYTES = 8 << 20
 
 router = APIRouter()
 
@@ -34,22 +40,34 @@ def _server(request: Request) -> ICVServer:
     return server
 
 
+async def _read_json(request: Request, limit: int) -> object:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ICVHTTPError(413, f"body is {declared} bytes; at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ICVHTTPError(413, f"body is larger than {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return await asyncio.to_thread(json.loads, b"".join(chunks))
+    except RecursionError:
+        raise ICVHTTPError(400, "body is not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise ICVHTTPError(400, f"body is not valid JSON ({e})") from None
+
+
 @router.get(PREFIX)
 async def list_vectors(request: Request) -> dict:
     server = _server(request)
     return {"object": "list", "data": await asyncio.to_thread(server.store.list)}
 
 
-@router.post(PREFIX)
-async def create_vector(request: Request) -> dict:
-    server = _server(request)
-    try:
-        body = json.loads(await request.body())
-    except ValueError as e:
-        raise ICVHTTPError(400, f"body is not valid JSON ({e})") from None
-    create = parse_create_body(body)
+async def _create(server: ICVServer, create: CreateRequest) -> dict:
     async with server.write_lock:
-        if server.store.path(create.name).exists() and not create.overwrite:
+        exists = await asyncio.to_thread(server.store.exists, create.name)
+        if exists and not create.overwrite:
             raise server.store.conflict(create.name)  # before spending a forward pass
         try:
             vector = await extract_in_server(server.engine_client(), create)
@@ -60,7 +78,16 @@ async def create_vector(request: Request) -> dict:
         except Exception as e:
             logger.exception("icv: in-server extraction of %r failed", create.name)
             raise ICVHTTPError(500, f"in-server extraction of {create.name!r} failed: {e}") from None
-        info = await asyncio.to_thread(server.store.save, create.name, vector, create.overwrite)
+        return await asyncio.to_thread(server.store.save, create.name, vector, create.overwrite)
+
+
+@router.post(PREFIX)
+async def create_vector(request: Request) -> dict:
+    server = _server(request)
+    create = parse_create_body(await _read_json(request, MAX_CREATE_BODY_BYTES))
+    stopping = server_stopping(request.app.state, getattr(request.app.state, STATE_ENGINE_CLIENT, None))
+    info = await until_abandoned(_create(server, create), request.receive, stopping,
+                                 f"extraction of {create.name!r}")
     logger.info("icv: created vector %r from %d pairs (%s)", create.name, len(create.pairs), create.method)
     return info
 
@@ -69,6 +96,6 @@ async def create_vector(request: Request) -> dict:
 async def delete_vector(name: str, request: Request) -> dict:
     server = _server(request)
     async with server.write_lock:
-        result = server.store.delete(name)
+        result = await asyncio.to_thread(server.store.delete, name)
     logger.info("icv: deleted vector %r", name)
     return result

@@ -1,4 +1,5 @@
-"""ASGI middleware: per-request vector selection on the OpenAI generate routes.
+"""ASGI middleware: per-request vector selection on the OpenAI generate routes,
+and a 400 for a selection sent to any other route.
 
 Why a body-rewriting middleware rather than a patch of vLLM's request models
 (``to_sampling_params``): it touches no vLLM internal, works the same for
@@ -8,45 +9,65 @@ request vLLM would otherwise have sent its 200 headers already. It sits
 innermost (inside vLLM's ``--api-key`` check), so an unauthenticated client
 learns nothing about the vectors on the server.
 
-Cost: bodies of the two routes are buffered (vLLM reads them whole anyway)
-and parsed only when they can mention ``icv``.
+Admission (resolve names, read and pin files) runs in a worker thread: the
+event loop, which serves every other client, never waits on a file. Its
+result travels to the engine's admission as a one-use ticket in
+``vllm_xargs``, so the selection is not resolved twice.
+
+Cost: POST bodies are buffered (vLLM reads them whole anyway; form uploads
+are not touched) and parsed only when they can mention ``icv`` or nest
+deeply enough to break Python's parser.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..protocol import ADMISSION_TICKET_KEY
 from .errors import ICVHTTPError, error_response
-from .request_icv import translate_body
+from .json_body import load_body, may_be_too_deep
+from .request_icv import SERVED_ON, XARGS_FIELD, refuse_selection_elsewhere, translate_body
 
 logger = logging.getLogger("vllm.icv_vllm.server")
 
-GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+GENERATE_PATHS = SERVED_ON
+# Form bodies (audio uploads) are not JSON; vLLM's own admission checks their fields.
+FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
 
-Resolver = Callable[[str], None]  # raises ICVHTTPError when a spec cannot be served
+# Blocking: resolves and pins a canonical selection, returns its ticket;
+# raises ICVHTTPError when it cannot be served.
+Admit = Callable[[str], str]
 
 
 class ICVRequestMiddleware:
-    def __init__(self, app: ASGIApp, resolve: Resolver) -> None:
+    def __init__(self, app: ASGIApp, admit: Admit, own_prefix: str = "/v1/icv") -> None:
         self.app = app
-        self.resolve = resolve
+        self.admit = admit
+        self.own_prefix = own_prefix  # the management routes read their own bodies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
-        path = scope["path"].removeprefix(scope.get("root_path", "") or "")
-        if path.rstrip("/") not in GENERATE_PATHS:
+        path = scope["path"].removeprefix(scope.get("root_path", "") or "").rstrip("/")
+        generate = path in GENERATE_PATHS
+        if not generate and (path == self.own_prefix or path.startswith(self.own_prefix + "/")
+                             or _is_form(scope)):
             return await self.app(scope, receive, send)
 
         body = await _read_body(receive)
         if body is None:  # client went away before sending its body
             return
         try:
-            new_body = self._rewrite(body)
+            if generate:
+                new_body = await self._rewrite(body)
+            else:
+                _check_elsewhere(body, path)
+                new_body = None
         except ICVHTTPError as e:
             return await error_response(e.status, e.message, e.param)(scope, receive, send)
         if new_body is not None:
@@ -56,23 +77,42 @@ class ICVRequestMiddleware:
             body = new_body
         await self.app(scope, _replay(body, receive), send)
 
-    def _rewrite(self, body: bytes) -> bytes | None:
+    async def _rewrite(self, body: bytes) -> bytes | None:
         """The rewritten body, or None to forward the original bytes."""
         # `icv` can only appear as a key spelled out or \u-escaped
-        if b"icv" not in body and b"\\u" not in body:
+        mentions = b"icv" in body or b"\\u" in body
+        if not mentions and not may_be_too_deep(body):
             return None
         try:
-            payload = json.loads(body)
+            payload, huge = load_body(body)  # a body too deep for Python is a 400 here
         except ValueError:
             return None  # vLLM answers malformed JSON itself
-        if not isinstance(payload, dict):
+        if not mentions or not isinstance(payload, dict):
             return None
-        translation = translate_body(payload)
+        translation = translate_body(payload, huge)
         if translation is None:
             return None
         if translation.spec is not None:
-            self.resolve(translation.spec)
+            ticket = await asyncio.to_thread(self.admit, translation.spec)
+            translation.body[XARGS_FIELD][ADMISSION_TICKET_KEY] = ticket
         return json.dumps(translation.body).encode()
+
+
+def _check_elsewhere(body: bytes, path: str) -> None:
+    if b"icv" not in body and b"\\u" not in body:
+        return
+    try:
+        payload, _ = load_body(body)
+    except ValueError:
+        return
+    refuse_selection_elsewhere(payload, path)
+
+
+def _is_form(scope: Scope) -> bool:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() in FORM_TYPES
+    return False
 
 
 async def _read_body(receive: Receive) -> bytes | None:

@@ -44,27 +44,33 @@ class ICVServer:
 
     def _get_admission(self):
         if self._admission is None:
-            from ..plugin.admission import Admission
+            from ..frontend.admission import Admission
 
             self._admission = Admission(state_attr(self._app_state, STATE_VLLM_CONFIG))
         return self._admission
 
-    def resolve(self, spec: str) -> None:
-        """Refuse, as a 400, a selection the engine would refuse: the plugin's
-        own admission check (names, files, shapes), run before vLLM sees the request."""
-        from vllm.exceptions import VLLMClientError
+    def admit(self, spec: str) -> str:
+        """Resolve and pin a canonical selection; returns the ticket that
+        ``vllm_xargs["icv_ticket"]`` carries to the engine's admission, so it
+        is not resolved twice. Blocking (reads files): call it in a thread.
+        A selection that cannot be served is a 400."""
+        from ..frontend.admission import TICKETS, AdmissionError
 
         try:
-            self._get_admission().resolve(spec)
-        except (VLLMClientError, ValueError) as e:  # VLLMValidationError's str() adds "(parameter=icv)"
-            message = str(e.args[0]) if e.args else str(e)
-            raise ICVHTTPError(400, self.store.hide_dir(message), "icv") from None
+            resolved = self._get_admission().resolve(spec)
+        except AdmissionError as e:
+            raise ICVHTTPError(400, self.store.hide_dir(str(e)), "icv") from None
+        return TICKETS.issue((spec, resolved))
 
     def problem_with(self, name: str) -> str | None:
+        """Why the served model cannot use vector ``name`` (None: it can).
+        Blocking: call it in a thread."""
+        from ..frontend.admission import AdmissionError
+
         try:
-            self.resolve(f"{name}:1.0")
-        except ICVHTTPError as e:
-            return e.message
+            self._get_admission().resolve(f"{name}:1.0")
+        except AdmissionError as e:
+            return self.store.hide_dir(str(e))
         return None
 
     def require_updates(self) -> None:

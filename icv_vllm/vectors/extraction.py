@@ -1,4 +1,4 @@
-"""ICV extraction (ICV_METHOD.md section 1), with Hugging Face transformers.
+"""ICV extraction (docs/method.md §1), with Hugging Face transformers.
 
 ``icv_from_differences`` and ``clean_demonstration_text`` are pure functions
 the API server reuses for in-server extraction; importing this module loads

@@ -1,5 +1,5 @@
 """Independent reference for ICV application: HF transformers, fp32, greedy,
-a forward hook on every decoder layer's MLP implementing ICV_METHOD.md §2
+a forward hook on every decoder layer's MLP implementing docs/method.md §2
 token by token. Shares no code with the plugin or the kernels."""
 
 from __future__ import annotations

@@ -75,7 +75,12 @@ def _run_engine(tmp: Path, model_dir: Path, mode: str, vector_dir: Path, prompts
         ],
         "bad_specs": ["nosuch:1.0", "alpha", "alpha:nan", "a:1,b:1,c:1,d:1,e:1", "../x:1"],
     }
-    cases_path, out_path = tmp / f"cases-{mode}.json", tmp / f"out-{mode}.json"
+    return run_cases(tmp, mode, cases, env)
+
+
+def run_cases(tmp: Path, label: str, cases: dict, env: dict | None = None) -> dict:
+    """Run ``engine_script.py`` on ``cases`` in a fresh process; its results."""
+    cases_path, out_path = tmp / f"cases-{label}.json", tmp / f"out-{label}.json"
     cases_path.write_text(json.dumps(cases))
     proc = subprocess.run([sys.executable, str(ENGINE_SCRIPT), str(cases_path), str(out_path)],
                           capture_output=True, text=True, timeout=600, env=env)

@@ -6,8 +6,8 @@ import types
 
 import pytest
 
-from icv_vllm.plugin import vllm_patches
-from icv_vllm.plugin.vllm_patches import ALL_PATCH_POINTS, PatchPoint, VLLMChangedError, _lookup
+from icv_vllm.plugin.vllm_patches import (ALL_PATCH_POINTS, AttributeRead, PatchPoint, VLLMChangedError,
+                                          _lookup)
 
 
 @pytest.mark.parametrize("point", ALL_PATCH_POINTS, ids=lambda p: p.attribute)
@@ -48,13 +48,31 @@ def test_patches_are_installed_after_register():
     assert InputProcessor.process_inputs.__icv_patched__
     assert gpu_model_runner.GPUModelRunner._prepare_inputs.__icv_patched__
     assert cpu_model_runner.CPUModelRunner.load_model.__icv_patched__
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    assert Scheduler.schedule.__icv_patched__ and Scheduler.add_request.__icv_patched__
     assert hasattr(worker_base.WorkerBase, "icv_take_captures")
 
 
-def test_v2_model_runner_is_refused(monkeypatch):
-    monkeypatch.setenv(vllm_patches.V2_RUNNER_ENV, "1")
-    with pytest.raises(VLLMChangedError, match="V1 model runner only"):
-        vllm_patches._force_v1_runner()
+def test_missing_attribute_read_fails_loudly():
+    read = AttributeRead("vllm.Runner", "input_batch.req_ids", "order the step's requests")
+    holder = types.SimpleNamespace(input_batch=types.SimpleNamespace(req_ids=["a"]))
+    assert read.get(holder) == ["a"]
+    with pytest.raises(VLLMChangedError, match=r"vllm.Runner.input_batch.req_ids is missing .*0\.32\.0.*order"):
+        read.get(types.SimpleNamespace(input_batch=object()))
+
+
+def test_v2_runner_is_not_chosen_when_steering_is_configured(monkeypatch):
+    """On CUDA vLLM would pick Model Runner V2, whose steps our patches do not
+    see; configured, icv-vllm lists itself as a feature V2 does not support
+    (and changes no environment variable to get there)."""
+    from icv_vllm.plugin.vllm_patches import _v1_runner_for_icv
+
+    monkeypatch.delenv("ICV_VLLM_DIR", raising=False)
+    wrapped = _v1_runner_for_icv(lambda self: ["x"])
+    assert wrapped(types.SimpleNamespace(additional_config={})) == ["x"]
+    on = types.SimpleNamespace(additional_config={"icv_vllm": {"dir": "/x"}})
+    assert wrapped(on) == ["x", "icv-vllm steering"]
 
 
 def test_prefix_cache_key_carries_the_resolved_spec():

@@ -98,8 +98,18 @@ def icv_server(tiny_llama_dir, tmp_path_factory):
     # a vector of another model: listed, but refused by requests
     write_random_vector(vector_dir / "small.safetensors", layers + 1, hidden // 2, 3, "other-model")
 
-    port = _free_port()
     _log_path = root / "server.log"
+    proc, server = launch(Path(tiny_llama_dir), vector_dir, _log_path)
+    try:
+        wait_healthy(proc, server)
+        yield server
+    finally:
+        stop(proc)
+
+
+def launch(model_dir: Path, vector_dir: Path, log_path: Path, extra_env: dict | None = None):
+    """Start ``icv-vllm serve`` (see the module docstring); returns (process, Server)."""
+    port = _free_port()
     env = dict(
         os.environ,
         VLLM_CPU_KVCACHE_SPACE="1",
@@ -108,40 +118,44 @@ def icv_server(tiny_llama_dir, tmp_path_factory):
         VLLM_DISABLE_COMPILE_CACHE="1",
         HF_HUB_OFFLINE="1",
         ICV_VLLM_ALLOW_RUNTIME_UPDATES="1",
+        **(extra_env or {}),
     )
     env.pop("ICV_VLLM_DIR", None)
     cmd = [
         sys.executable, "-c", "import sys; from icv_vllm.cli import main; sys.exit(main())",
-        "serve", str(tiny_llama_dir), "--icv-dir", str(vector_dir),
+        "serve", str(model_dir), "--icv-dir", str(vector_dir),
         "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
         "--enforce-eager", "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
         "--seed", "0", "--distributed-executor-backend", "uni",  # no separate worker process: faster start
     ]
-    with open(_log_path, "wb") as log:
+    with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", str(tiny_llama_dir), vector_dir, _log_path, Path(tiny_llama_dir))
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"icv-vllm serve exited with {proc.returncode}:\n{_log_tail(_log_path)}")
-            try:
-                if requests.get(server.url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"icv-vllm serve not healthy after {STARTUP_TIMEOUT_S}s:\n{_log_tail(_log_path)}")
-            time.sleep(0.5)
-        yield server
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+    return proc, Server(f"http://127.0.0.1:{port}", str(model_dir), vector_dir, log_path, model_dir)
+
+
+def wait_healthy(proc: subprocess.Popen, server: Server, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"icv-vllm serve exited with {proc.returncode}:\n{_log_tail(server.log_path)}")
+        try:
+            if requests.get(server.url + "/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"icv-vllm serve not healthy after {timeout_s}s:\n{_log_tail(server.log_path)}")
+        time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
 
 
 @pytest.hookimpl(hookwrapper=True)

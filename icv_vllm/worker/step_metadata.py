@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-ENTRIES_PER_REQUEST = 4  # == spec.MAX_VECTORS_PER_REQUEST, the kernel's table width
+from ..protocol import MAX_VECTORS_PER_REQUEST as ENTRIES_PER_REQUEST  # the kernels' table width
 
 
 class StepMetadata:

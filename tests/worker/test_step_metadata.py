@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from icv_vllm.plugin.step_metadata import StepMetadata
+from icv_vllm.worker.step_metadata import StepMetadata
 
 
 def test_fill_writes_rows_and_resets_the_tail():
