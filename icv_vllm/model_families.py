@@ -4,12 +4,13 @@ workers wrap exactly the layers listed here (and refuse to start steering
 when a listed model has none of them), so a family can never be admitted and
 then run unsteered. Pure data: imports nothing.
 
-Each entry: the vLLM architecture name (``config.json`` ``architectures``)
--> the vLLM decoder-layer class names whose ``forward(positions,
-hidden_states, residual)`` returns ``(mlp_output, residual)``: the returned
-``hidden_states`` is the feed-forward output the paper shifts (docs/method.md
-§3), before the residual add, which happens in the next layer's fused add +
-RMSNorm. Checked against vllm 0.32.0 ``model_executor/models/*.py``.
+Each entry: the vLLM architecture name (``config.json`` ``architectures``);
+the vLLM decoder-layer class names; the attribute of a layer that holds its
+feed-forward block, whose output the paper shifts (docs/method.md §3); and
+how the layer's output gives the residual stream (``"sum"``: it returns
+``(feed-forward output, residual)`` and the residual add happens in the next
+layer's fused add + norm; ``"output"``: it returns the stream itself).
+Checked against vllm 0.32.0 ``model_executor/models/*.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 class ModelFamily:
     architecture: str
     layer_classes: tuple[str, ...]
+    ff_attribute: str = "mlp"
+    stream: str = "sum"
     note: str = ""
 
 

@@ -1,5 +1,15 @@
-"""Tiny random-init Llama and Qwen2 checkpoints with a locally trained
-tokenizer: real architectures, no hub, built in seconds and cached.
+"""Tiny random-init checkpoints with a locally trained tokenizer: real
+architectures, no hub, built in seconds and cached.
+
+Families (``build_tiny_model(arch)``): the four the plugin steers today
+(``llama``, ``qwen2``, ``mistral``, ``qwen3``) and, for model-coverage work
+(docs/model_families_research.md), ``gemma``, ``gemma2``, ``gemma3`` (text-only
+``Gemma3ForCausalLM``), ``phi3``, ``granite``, ``olmo2``, ``starcoder2``,
+``falcon``, ``gpt_neox``, ``stablelm``, ``mixtral``, ``qwen2_moe``,
+``qwen3_moe``, and the vision-language ``qwen2_vl`` and ``gemma3_mm``
+(``Gemma3ForConditionalGeneration``; both with a tiny vision tower and the
+processor files vLLM needs to start). Every family: hidden 128, 3 layers,
+head_dim 32 (vLLM's CPU attention supports it), fp32, initializer_range 0.1.
 
 Cached in ``.cache/test-models/<name>-<hash of build params>``: change a
 parameter (or BUILDER_VERSION when this code changes) and a new folder is
@@ -34,6 +44,57 @@ _SPECIALS = {
     # the other decoder layers the plugin supports, for engine tests
     "mistral": {"bos": "<s>", "eos": "</s>", "pad": None, "add_bos": True},
     "qwen3": {"bos": None, "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False},
+    # model-coverage families (docs/model_families_research.md); "extra": more
+    # special tokens (the vision-language models' image tokens)
+    "gemma": {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "add_bos": True},
+    "gemma2": {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "add_bos": True},
+    "gemma3": {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "add_bos": True},
+    "phi3": {"bos": "<s>", "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": True},
+    "granite": {"bos": "<|end_of_text|>", "eos": "<|end_of_text|>", "pad": "<|end_of_text|>", "add_bos": False},
+    "olmo2": {"bos": None, "eos": "<|endoftext|>", "pad": "<|pad|>", "add_bos": False},
+    "starcoder2": {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": None, "add_bos": False},
+    "falcon": {"bos": None, "eos": "<|endoftext|>", "pad": None, "add_bos": False},
+    "gpt_neox": {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": None, "add_bos": False},
+    "stablelm": {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": None, "add_bos": False},
+    "mixtral": {"bos": "<s>", "eos": "</s>", "pad": None, "add_bos": True},
+    "qwen2_moe": {"bos": None, "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False},
+    "qwen3_moe": {"bos": None, "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False},
+    "qwen2_vl": {"bos": None, "eos": "<|endoftext|>", "pad": "<|endoftext|>", "add_bos": False,
+                 "extra": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]},
+    "gemma3_mm": {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "add_bos": True,
+                  "extra": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"],
+                  # tokenizer attributes Gemma3Processor reads (tokenizer.boi_token_id, ...)
+                  "named": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                            "image_token": "<image_soft_token>"}},
+}
+
+# Per-family build parameters, added to the common ones below for that family
+# only (the four original families have none, so their cache digests stay).
+_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
+_FAMILY_PARAMS = {
+    "gemma": {"head_dim": 32},
+    # vLLM's Gemma2ForCausalLM computes logits with embed_tokens: tied only
+    "gemma2": {"head_dim": 32, "tie_word_embeddings": True},
+    "gemma3": {"head_dim": 32},
+    "phi3": {},
+    # real Granite 3 multipliers, scaled to head_dim 32 (attention_multiplier = 1/head_dim)
+    "granite": {"embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
+                "attention_multiplier": 0.03125},
+    "olmo2": {},
+    "starcoder2": {},
+    # Falcon-40B/180B layout (new_decoder_architecture: GQA, two layer norms,
+    # attention and MLP in parallel); set new_decoder_architecture=False,
+    # num_key_value_heads=1 for the Falcon-7B layout (multi-query, one norm)
+    "falcon": {"new_decoder_architecture": True, "parallel_attn": True},
+    # GPT-NeoX has no GQA: 4 key/value heads; Pythia's parallel residual
+    "gpt_neox": {"num_key_value_heads": 4, "use_parallel_residual": True},
+    "stablelm": {},
+    "mixtral": {"intermediate_size": 128, "num_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {**_MOE, "shared_expert_intermediate_size": 128},
+    "qwen3_moe": _MOE,
+    "qwen2_vl": {"vision_depth": 1, "vision_embed_dim": 64, "vision_heads": 2},
+    "gemma3_mm": {"head_dim": 32, "vision_depth": 1, "vision_embed_dim": 64, "vision_heads": 2,
+                  "mm_tokens_per_image": 4},
 }
 
 
@@ -58,6 +119,7 @@ def tiny_model_params(arch: str = "llama", **overrides) -> dict:
         "corpus_lines": 600,
         "builder_version": BUILDER_VERSION,
     }
+    params.update(_FAMILY_PARAMS.get(arch, {}))
     unknown = set(overrides) - set(params)
     if unknown:
         raise TypeError(f"unknown tiny model parameters: {sorted(unknown)}")
@@ -111,6 +173,8 @@ def _build_tokenizer(params: dict, out: Path) -> dict:
     specials = _SPECIALS[params["arch"]]
     special_tokens = [t for t in dict.fromkeys([specials["bos"], specials["eos"], specials["pad"]]) if t]
     special_tokens += ["<|im_start|>", "<|im_end|>"]
+    extra = specials.get("extra", [])
+    special_tokens += extra
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -133,49 +197,31 @@ def _build_tokenizer(params: dict, out: Path) -> dict:
         bos_token=specials["bos"],
         eos_token=specials["eos"],
         pad_token=specials["pad"],
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", *extra],
         chat_template=CHAT_TEMPLATE,
         model_max_length=params["max_position_embeddings"],
+        **({"extra_special_tokens": specials["named"]} if "named" in specials else {}),
     )
     fast.save_pretrained(out)
-    return {
+    ids = {
         "vocab_size": len(fast),
         "bos_token_id": fast.bos_token_id,
         "eos_token_id": fast.eos_token_id,
         "pad_token_id": fast.pad_token_id,
     }
+    ids.update({t: fast.convert_tokens_to_ids(t) for t in extra})
+    return ids
 
 
 def _build_model(params: dict, token_ids: dict, out: Path) -> None:
     import torch
-    from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+    from transformers import GenerationConfig
 
-    config_cls, model_cls, extra = {
-        "llama": (LlamaConfig, LlamaForCausalLM, {}),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
-        "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM,
-                  {"head_dim": params["hidden_size"] // params["num_attention_heads"]}),
-    }[params["arch"]]
-    config = config_cls(
-        vocab_size=token_ids["vocab_size"],
-        hidden_size=params["hidden_size"],
-        intermediate_size=params["intermediate_size"],
-        num_hidden_layers=params["num_hidden_layers"],
-        num_attention_heads=params["num_attention_heads"],
-        num_key_value_heads=params["num_key_value_heads"],
-        max_position_embeddings=params["max_position_embeddings"],
-        initializer_range=params["initializer_range"],
-        rms_norm_eps=params["rms_norm_eps"],
-        tie_word_embeddings=False,
-        bos_token_id=token_ids["bos_token_id"],
-        eos_token_id=token_ids["eos_token_id"],
-        pad_token_id=token_ids["pad_token_id"],
-        **extra,
-    )
+    config, model_cls = _make_config(params, token_ids)
     config.dtype = torch.float32
+    for sub in ("text_config", "vision_config"):
+        if getattr(config, sub, None) is not None:
+            getattr(config, sub).dtype = torch.float32
     torch.manual_seed(params["seed"])
     model = model_cls(config).to(torch.float32).eval()
     model.generation_config = GenerationConfig(
@@ -183,6 +229,146 @@ def _build_model(params: dict, token_ids: dict, out: Path) -> None:
         pad_token_id=token_ids["pad_token_id"],
     )
     model.save_pretrained(out)
+    if params["arch"] in ("qwen2_vl", "gemma3_mm"):
+        _save_processor(params, out)
+
+
+def _make_config(params: dict, token_ids: dict):
+    """The transformers config and model class of ``params["arch"]``."""
+    import transformers as tf
+
+    arch = params["arch"]
+    hidden, heads, kv_heads = params["hidden_size"], params["num_attention_heads"], params["num_key_value_heads"]
+    head_dim = hidden // heads
+    common = dict(
+        vocab_size=token_ids["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=params["intermediate_size"],
+        num_hidden_layers=params["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=params["max_position_embeddings"],
+        initializer_range=params["initializer_range"],
+        rms_norm_eps=params["rms_norm_eps"],
+        tie_word_embeddings=params.get("tie_word_embeddings", False),
+        bos_token_id=token_ids["bos_token_id"],
+        eos_token_id=token_ids["eos_token_id"],
+        pad_token_id=token_ids["pad_token_id"],
+    )
+    if arch in ("llama", "qwen2", "mistral", "qwen3"):  # the original four, unchanged
+        config_cls, model_cls, extra = {
+            "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
+            "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
+            "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": head_dim}),
+        }[arch]
+        return config_cls(**common, **extra), model_cls
+    if arch in ("gemma", "gemma2", "gemma3"):
+        config_cls, model_cls = {
+            "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
+            "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+            "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
+        }[arch]
+        extra = {"head_dim": params["head_dim"]}
+        if arch != "gemma":  # scores scaled by query_pre_attn_scalar**-0.5, as the real models (= head_dim)
+            extra["query_pre_attn_scalar"] = params["head_dim"]
+        return config_cls(**common, **extra), model_cls
+    if arch == "phi3":
+        return tf.Phi3Config(**common), tf.Phi3ForCausalLM
+    if arch == "granite":
+        extra = {k: params[k] for k in ("embedding_multiplier", "logits_scaling", "residual_multiplier",
+                                        "attention_multiplier")}
+        return tf.GraniteConfig(**common, **extra), tf.GraniteForCausalLM
+    if arch == "olmo2":
+        return tf.Olmo2Config(**common), tf.Olmo2ForCausalLM
+    if arch == "mixtral":
+        extra = {"num_local_experts": params["num_experts"], "num_experts_per_tok": params["num_experts_per_tok"],
+                 "sliding_window": None}
+        return tf.MixtralConfig(**common, **extra), tf.MixtralForCausalLM
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        extra = {k: params[k] for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size")}
+        if arch == "qwen2_moe":
+            extra["shared_expert_intermediate_size"] = params["shared_expert_intermediate_size"]
+            return tf.Qwen2MoeConfig(**common, **extra), tf.Qwen2MoeForCausalLM
+        return tf.Qwen3MoeConfig(**common, **extra, head_dim=head_dim), tf.Qwen3MoeForCausalLM
+    # families without RMSNorm / with other argument names
+    del common["rms_norm_eps"]
+    eps = params["rms_norm_eps"]
+    if arch == "starcoder2":
+        return tf.Starcoder2Config(**common, norm_epsilon=eps), tf.Starcoder2ForCausalLM
+    if arch == "stablelm":
+        return tf.StableLmConfig(**common, layer_norm_eps=eps), tf.StableLmForCausalLM
+    if arch == "gpt_neox":
+        del common["num_key_value_heads"]
+        return tf.GPTNeoXConfig(**common, layer_norm_eps=eps, use_parallel_residual=params["use_parallel_residual"]), \
+            tf.GPTNeoXForCausalLM
+    if arch == "falcon":
+        del common["num_key_value_heads"], common["intermediate_size"]  # vLLM's FalconMLP is 4*hidden
+        new_arch = params["new_decoder_architecture"]
+        if not new_arch and kv_heads not in (1, heads):
+            raise ValueError("Falcon without new_decoder_architecture has 1 (multi-query) or all kv heads")
+        extra = dict(new_decoder_architecture=new_arch, parallel_attn=params["parallel_attn"],
+                     multi_query=not new_arch and kv_heads == 1, num_kv_heads=kv_heads,
+                     layer_norm_epsilon=eps, bias=False, alibi=False)
+        return tf.FalconConfig(**common, **extra), tf.FalconForCausalLM
+    if arch == "qwen2_vl":
+        text = dict(common)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0,
+                                   "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]}
+        vision = dict(depth=params["vision_depth"], embed_dim=params["vision_embed_dim"],
+                      num_heads=params["vision_heads"], hidden_size=hidden, mlp_ratio=2,
+                      initializer_range=params["initializer_range"])
+        config = tf.Qwen2VLConfig(
+            text_config=text, vision_config=vision,
+            image_token_id=token_ids["<|image_pad|>"], video_token_id=token_ids["<|video_pad|>"],
+            vision_start_token_id=token_ids["<|vision_start|>"], vision_end_token_id=token_ids["<|vision_end|>"],
+            tie_word_embeddings=False,
+        )
+        return config, tf.Qwen2VLForConditionalGeneration
+    if arch == "gemma3_mm":
+        text = dict(common, rms_norm_eps=eps, head_dim=params["head_dim"], query_pre_attn_scalar=params["head_dim"])
+        vision = dict(hidden_size=params["vision_embed_dim"], intermediate_size=2 * params["vision_embed_dim"],
+                      num_hidden_layers=params["vision_depth"], num_attention_heads=params["vision_heads"],
+                      image_size=32, patch_size=8)  # 16 patches, pooled to mm_tokens_per_image (4)
+        config = tf.Gemma3Config(
+            text_config=text, vision_config=vision, mm_tokens_per_image=params["mm_tokens_per_image"],
+            boi_token_index=token_ids["<start_of_image>"], eoi_token_index=token_ids["<end_of_image>"],
+            image_token_index=token_ids["<image_soft_token>"], initializer_range=params["initializer_range"],
+            tie_word_embeddings=False,
+        )
+        return config, tf.Gemma3ForConditionalGeneration
+    raise ValueError(f"no builder for {arch!r}")
+
+
+def _save_processor(params: dict, out: Path) -> None:
+    """The processor files a vision-language model needs (vLLM builds its
+    multi-modal processor from them at start-up, even for text-only use)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    if params["arch"] == "qwen2_vl":
+        from transformers import Qwen2VLImageProcessor
+
+        patch = 14 * 2  # patch_size * spatial_merge_size
+        image_processor = Qwen2VLImageProcessor(min_pixels=patch * patch * 4, max_pixels=patch * patch * 16)
+        try:
+            from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+            processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok,
+                                         video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+        except Exception:
+            # transformers 5 cannot build Qwen2VLProcessor without torchvision (its
+            # video processor needs it; this project's setup removes torchvision):
+            # save the image processor alone, enough for text-only serving
+            image_processor.save_pretrained(out)
+            return
+    else:
+        from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+        image_processor = Gemma3ImageProcessor(size={"height": 32, "width": 32})
+        processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok,
+                                    image_seq_length=params["mm_tokens_per_image"], chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(out)
 
 
 def build_tiny_model(arch: str = "llama", cache_dir: Path | None = None, **overrides) -> Path:

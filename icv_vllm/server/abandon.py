@@ -1,16 +1,19 @@
-"""Stop long route work (in-server extraction) nobody will wait for.
+"""Stop request work nobody will wait for.
 
 Two cases, both seen as a hung server otherwise:
 
 - the client disconnects: vLLM's own routes stop through ``with_cancellation``;
-  ours watch ``http.disconnect`` the same way;
-- the server is shutting down: vLLM's SIGTERM handler stops the engine and
-  then sets ``should_exit`` on the uvicorn server (``app.state.server``);
-  uvicorn then waits, without a time limit, for every open response. Work
-  still awaiting the stopped engine would never end, so it is cancelled.
+  in-server extraction watches ``http.disconnect`` the same way
+  (:func:`until_abandoned`);
+- the server shuts down: vLLM 0.32's SIGTERM handler stops the engine (in
+  its default abort mode, without finishing the requests it was running),
+  then sets ``should_exit`` on the uvicorn server (``app.state.server``), and
+  uvicorn waits, with no time limit, for every open response. A request still
+  awaiting the stopped engine would never end, and neither would the server,
+  so :class:`StopSignal` tells the middleware and the extraction to cancel.
 
 Cancelled work gets ``CLEANUP_S`` to finish its own cleanup (aborting engine
-requests); past that it is left behind so the response can still go out.
+requests); past that it is left behind so that the response can go out.
 """
 
 from __future__ import annotations
@@ -20,20 +23,46 @@ import contextlib
 from typing import Any, Awaitable, Callable, TypeVar
 
 from .errors import ICVHTTPError
+from .vllm_hooks import STATE_ENGINE_CLIENT
 
 T = TypeVar("T")
+# vLLM internals read here (0.32): serve_http stores the uvicorn server as
+# app.state.server and sets its should_exit after stopping the engine.
+STATE_UVICORN_SERVER = "server"
 POLL_S = 0.25
 CLEANUP_S = 3.0
 
 
-def server_stopping(app_state: Any, engine_client: Any) -> Callable[[], bool]:
+def server_stopping(app_state: Any) -> Callable[[], bool]:
     """True once vLLM's shutdown has begun or the engine has died."""
     def stopping() -> bool:
-        server = getattr(app_state, "server", None)
-        if getattr(server, "should_exit", False):
+        if getattr(getattr(app_state, STATE_UVICORN_SERVER, None), "should_exit", False):
             return True
-        return bool(getattr(engine_client, "errored", False))
+        return bool(getattr(getattr(app_state, STATE_ENGINE_CLIENT, None), "errored", False))
     return stopping
+
+
+class StopSignal:
+    """One poller per app (started by the first request) sets an event once
+    :func:`server_stopping` turns true; requests wait on the event."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event = asyncio.Event()
+        self._poller: asyncio.Task | None = None
+
+    def event(self, app_state: Any) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first request (or a test client's new loop)
+            self._loop, self._event = loop, asyncio.Event()
+            self._poller = loop.create_task(self._poll(server_stopping(app_state), self._event))
+        return self._event
+
+    @staticmethod
+    async def _poll(stopping: Callable[[], bool], event: asyncio.Event) -> None:
+        while not stopping():
+            await asyncio.sleep(POLL_S)
+        event.set()
 
 
 async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:

@@ -143,7 +143,7 @@ async def extract_in_server(engine_client: Any, request: CreateRequest):
     from ..vectors.vector import ICVector
 
     model_config = engine_client.vllm_config.model_config
-    ids = _tokenize_all(engine_client, request, model_config.max_model_len)
+    ids = await asyncio.to_thread(_tokenize_all, engine_client, request, model_config.max_model_len)
     streams: torch.Tensor = await capture_residual_streams(engine_client, ids)
     tensor = await asyncio.to_thread(icv_from_streams, streams, request.method)
     return ICVector(tensor, model=str(model_config.model), method=request.method,

@@ -22,7 +22,6 @@ from .abandon import server_stopping, until_abandoned
 from .errors import ICVHTTPError
 from .extraction import CreateRequest, extract_in_server, parse_create_body
 from .state import ICVServer
-from .vllm_hooks import STATE_ENGINE_CLIENT
 
 logger = logging.getLogger("vllm.icv_vllm.server")
 
@@ -85,8 +84,7 @@ async def _create(server: ICVServer, create: CreateRequest) -> dict:
 async def create_vector(request: Request) -> dict:
     server = _server(request)
     create = parse_create_body(await _read_json(request, MAX_CREATE_BODY_BYTES))
-    stopping = server_stopping(request.app.state, getattr(request.app.state, STATE_ENGINE_CLIENT, None))
-    info = await until_abandoned(_create(server, create), request.receive, stopping,
+    info = await until_abandoned(_create(server, create), request.receive, server_stopping(request.app.state),
                                  f"extraction of {create.name!r}")
     logger.info("icv: created vector %r from %d pairs (%s)", create.name, len(create.pairs), create.method)
     return info

@@ -14,6 +14,10 @@ event loop, which serves every other client, never waits on a file. Its
 result travels to the engine's admission as a one-use ticket in
 ``vllm_xargs``, so the selection is not resolved twice.
 
+On shutdown (``abandon.StopSignal``) a POST still running is cancelled: vLLM
+0.32 would otherwise leave it waiting on the stopped engine, and the server
+waiting on it, forever.
+
 Cost: POST bodies are buffered (vLLM reads them whole anyway; form uploads
 are not touched) and parsed only when they can mention ``icv`` or nest
 deeply enough to break Python's parser.
@@ -29,9 +33,10 @@ from typing import Awaitable, Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..protocol import ADMISSION_TICKET_KEY
+from .abandon import CLEANUP_S, StopSignal
 from .errors import ICVHTTPError, error_response
 from .json_body import load_body, may_be_too_deep
-from .request_icv import SERVED_ON, XARGS_FIELD, refuse_selection_elsewhere, translate_body
+from .request_icv import SERVED_ON, XARGS_FIELD, engine_requests, refuse_selection_elsewhere, translate_body
 
 logger = logging.getLogger("vllm.icv_vllm.server")
 
@@ -49,6 +54,7 @@ class ICVRequestMiddleware:
         self.app = app
         self.admit = admit
         self.own_prefix = own_prefix  # the management routes read their own bodies
+        self.stop = StopSignal()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -57,7 +63,7 @@ class ICVRequestMiddleware:
         generate = path in GENERATE_PATHS
         if not generate and (path == self.own_prefix or path.startswith(self.own_prefix + "/")
                              or _is_form(scope)):
-            return await self.app(scope, receive, send)
+            return await self._until_stop(scope, receive, send)
 
         body = await _read_body(receive)
         if body is None:  # client went away before sending its body
@@ -75,7 +81,34 @@ class ICVRequestMiddleware:
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
             scope["headers"].append((b"content-length", str(len(new_body)).encode()))
             body = new_body
-        await self.app(scope, _replay(body, receive), send)
+        await self._until_stop(scope, _replay(body, receive), send)
+
+    async def _until_stop(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app, cancelled when the server shuts down (see the module docstring)."""
+        app = scope.get("app")
+        if app is None:  # not under Starlette: nothing to watch
+            return await self.app(scope, receive, send)
+        stop = self.stop.event(app.state)
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, tracking_send))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=CLEANUP_S)
+        if task.done() and not task.cancelled():
+            return task.result()
+        if not started:
+            await error_response(503, "the server is shutting down")(scope, receive, send)
 
     async def _rewrite(self, body: bytes) -> bytes | None:
         """The rewritten body, or None to forward the original bytes."""
@@ -94,7 +127,11 @@ class ICVRequestMiddleware:
             return None
         if translation.spec is not None:
             ticket = await asyncio.to_thread(self.admit, translation.spec)
-            translation.body[XARGS_FIELD][ADMISSION_TICKET_KEY] = ticket
+            # A ticket is good for one engine request; a batched completion
+            # makes several, whose admission then resolves the (already
+            # checked) selection itself.
+            if engine_requests(translation.body) == 1:
+                translation.body[XARGS_FIELD][ADMISSION_TICKET_KEY] = ticket
         return json.dumps(translation.body).encode()
 
 

@@ -110,14 +110,27 @@ def translate_body(body: dict, has_huge_ints: bool = False) -> Translation | Non
     return Translation(out, spec)
 
 
+def engine_requests(body: dict) -> int:
+    """How many engine requests vLLM makes of a generate body: one per prompt
+    of a batched ``/v1/completions`` (``prompt`` as a list of texts or of
+    token lists, ``prompt_embeds`` as a list); ``n`` fans out later."""
+    count = 0
+    for key in ("prompt", "prompt_embeds"):
+        value = body.get(key)
+        if isinstance(value, list) and value and (key == "prompt_embeds" or isinstance(value[0], (str, list))):
+            count += len(value)
+        elif value is not None:
+            count += 1
+    return max(count, 1)
+
+
 def refuse_selection_elsewhere(body: object, path: str) -> None:
     """400 when a body for a route that does not serve vectors (``/v1/messages``,
     ``/v1/responses``, ``/inference/v1/generate``, pooling, ...) carries a
     selection or a reserved key, which that route would drop or misuse."""
     if not isinstance(body, dict):
         return
-    unsupported = (f"is not supported on {path}: in-context vectors are served on "
-                   f"{' and '.join(SERVED_ON)} only")
+    unsupported = f"is not supported on {path}; it is supported on {' and '.join(SERVED_ON)} only"
     if body.get(ICV_FIELD) is not None:
         raise ICVHTTPError(400, f"{ICV_FIELD} {unsupported}", ICV_FIELD)
     params = body.get("sampling_params")  # /inference/v1/generate takes SamplingParams as JSON

@@ -67,7 +67,8 @@ class VectorStore:
                 return {**entry, "usable": False, "error": "a link to a file that does not exist"}
             raise self.not_found(name) from None
         except (ICVFileError, ICVSpecError, OSError) as e:
-            return {**entry, "usable": False, "error": self.hide_dir(str(e))}
+            problem = self._usable(name) if self._usable else None  # the served model's own words
+            return {**entry, "usable": False, "error": self.hide_dir(problem or str(e))}
         entry.update(
             created=created, model=header.model, num_layers=header.num_layers,
             hidden_size=header.hidden_size, method=header.method, num_pairs=header.num_pairs,

@@ -139,7 +139,9 @@ def residual_streams_at_last_token(
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=len(texts), disable=not progress, desc="residual streams", unit="text") as bar:
+        # one pair = its input and its target text
+        with tqdm(total=len(texts) / 2, disable=not progress, desc="demonstration pairs", unit="pair",
+                  bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]") as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 width = max(len(encoded[i]) for i in chunk)
@@ -154,7 +156,7 @@ def residual_streams_at_last_token(
                 rows = torch.arange(len(chunk), device=device)
                 stacked = torch.stack([h[rows, last] for h in captured], dim=1)
                 result[torch.tensor(chunk)] = stacked.to("cpu", torch.float32)
-                bar.update(len(chunk))
+                bar.update(len(chunk) / 2)
     finally:
         for handle in handles:
             handle.remove()
@@ -162,14 +164,22 @@ def residual_streams_at_last_token(
     return result
 
 
-def _load(model_dir: str | os.PathLike, device: str):
+def _load(model_dir: str | os.PathLike, device: str, progress: bool = True):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     # fp32 on CPU (bf16 matmuls are slow there and lose precision); the
     # checkpoint's own dtype on accelerators, where memory matters.
     dtype = torch.float32 if device == "cpu" else "auto"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not progress:  # transformers' own "Loading weights" bar
+        hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    finally:
+        if was_enabled and not progress:
+            hf_logging.enable_progress_bar()
     return model, tokenizer
 
 
@@ -201,7 +211,7 @@ def extract_icv(
     inputs, targets = extraction_texts(pairs, clean)
     if isinstance(model_or_dir, (str, Path)):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = _load(model_or_dir, device)
+        model, tokenizer = _load(model_or_dir, device, progress)
         model_name = model_name or str(model_or_dir)
     else:
         model = model_or_dir

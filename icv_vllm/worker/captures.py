@@ -29,9 +29,11 @@ class CaptureRecorder:
         while len(self._captures) > MAX_PENDING_CAPTURES:
             self._captures.popitem(last=False)
 
-    def record(self, hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    def record(self, hidden_states: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
         for capture_id, index in self.step_captures:
-            stream = hidden_states[index].float() + residual[index].float()
+            stream = hidden_states[index].float()
+            if residual is not None:
+                stream = stream + residual[index].float()
             self._captures[capture_id]["layers"][layer] = stream.cpu()
 
     def take(self, capture_ids: list[str]) -> dict[str, Any]:

@@ -108,13 +108,15 @@ class SteeringRuntime:
         self.captures.step_captures = captures
 
     # -- once per decoder layer per step ---------------------------------------
-    def apply(self, hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
-        if not self.ready:
-            return
-        if self.captures.step_captures:
+    def apply(self, ff_output: torch.Tensor, layer: int) -> None:
+        """Shift a feed-forward block's output in place."""
+        if self.ready and (self.active or self.shift.always_launch):
+            self.shift(ff_output, self.bank.tensor, layer)
+
+    def observe(self, hidden_states: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
+        """A decoder layer's output (its stream is hidden + residual, or hidden)."""
+        if self.ready and self.captures.step_captures:
             self.captures.record(hidden_states, residual, layer)
-        if self.active or self.shift.always_launch:
-            self.shift(hidden_states, self.bank.tensor, layer)
 
     def take_captures(self, capture_ids: list[str]) -> dict[str, Any]:
         if not self.ready:

@@ -1,13 +1,17 @@
-"""``torch.ops.icv_vllm.steer_``: the one op the decoder layers call.
+"""``torch.ops.icv_vllm.steer_`` and ``torch.ops.icv_vllm.observe_``: the two
+ops the wrapped modules call.
 
-A registered custom op is opaque to Dynamo and inductor, so the compiled model
-keeps calling it every step and it reads that step's state from the
+Registered custom ops are opaque to Dynamo and inductor, so the compiled
+model keeps calling them every step and they read that step's state from the
 persistent buffers of the worker's ``SteeringRuntime`` (never baked into the
-graph). It mutates ``hidden_states`` in place: no extra copy when steering is
-off.
+graph). ``steer_`` shifts a feed-forward output in place (no copy when
+nothing is steered); ``observe_`` records a decoder layer's output for
+in-server extraction (declared as mutating so the compiler never drops it).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -15,10 +19,20 @@ from .runtime import RUNTIME
 
 
 @torch.library.custom_op("icv_vllm::steer_", mutates_args=("hidden_states",))
-def steer_(hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
-    RUNTIME.apply(hidden_states, residual, layer)
+def steer_(hidden_states: torch.Tensor, layer: int) -> None:
+    RUNTIME.apply(hidden_states, layer)
 
 
 @steer_.register_fake
-def _(hidden_states: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+def _(hidden_states: torch.Tensor, layer: int) -> None:
+    return None
+
+
+@torch.library.custom_op("icv_vllm::observe_", mutates_args=("hidden_states",))
+def observe_(hidden_states: torch.Tensor, residual: Optional[torch.Tensor], layer: int) -> None:
+    RUNTIME.observe(hidden_states, residual, layer)
+
+
+@observe_.register_fake
+def _(hidden_states: torch.Tensor, residual: Optional[torch.Tensor], layer: int) -> None:
     return None

@@ -192,7 +192,7 @@ def test_bad_selections_are_refused_before_the_engine(steered_run):
     errors = runs["eager"]["bad_spec_errors"]
     assert "unknown vector 'nosuch'; known vectors: alpha, beta, gamma" in errors[0]
     assert "must be 'name:scale'" in errors[1]
-    assert "must be finite" in errors[2]
+    assert "is not a number: 'nan'" in errors[2]
     assert "at most 4 vectors" in errors[3]
     assert "invalid vector name" in errors[4]
 
