@@ -65,17 +65,25 @@ _SPECIALS = {
                   "extra": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"],
                   # tokenizer attributes Gemma3Processor reads (tokenizer.boi_token_id, ...)
                   "named": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                            "image_token": "<image_soft_token>"}},
+                            "image_token": "<image_soft_token>"},
+                  # vLLM's Gemma 3 processor looks these up as whole tokens (Gemma's vocabulary has them)
+                  "added": ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]},
 }
 
 # Per-family build parameters, added to the common ones below for that family
 # only (the four original families have none, so their cache digests stay).
+# ``coverage_builder_version``: bump it when the code building these families
+# changes (BUILDER_VERSION would rebuild the original four as well).
+COVERAGE_BUILDER_VERSION = 1
 _MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
 _FAMILY_PARAMS = {
     "gemma": {"head_dim": 32},
-    # vLLM's Gemma2ForCausalLM computes logits with embed_tokens: tied only
-    "gemma2": {"head_dim": 32, "tie_word_embeddings": True},
-    "gemma3": {"head_dim": 32},
+    # vLLM's Gemma2ForCausalLM computes logits with embed_tokens: tied only.
+    # Gemma 2/3 alternate sliding-window and global layers; sliding_window=4
+    # makes short prompts exercise the window.
+    "gemma2": {"head_dim": 32, "tie_word_embeddings": True, "sliding_window": 4096},
+    # Gemma 3's pattern (5 local : 1 global) cut to 3 layers: local, local, global
+    "gemma3": {"head_dim": 32, "sliding_window": 512},
     "phi3": {},
     # real Granite 3 multipliers, scaled to head_dim 32 (attention_multiplier = 1/head_dim)
     "granite": {"embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
@@ -90,8 +98,9 @@ _FAMILY_PARAMS = {
     "gpt_neox": {"num_key_value_heads": 4, "use_parallel_residual": True},
     "stablelm": {},
     "mixtral": {"intermediate_size": 128, "num_experts": 4, "num_experts_per_tok": 2},
-    "qwen2_moe": {**_MOE, "shared_expert_intermediate_size": 128},
-    "qwen3_moe": _MOE,
+    # norm_topk_prob as the real models: Qwen1.5/2-MoE false, Qwen3-MoE true
+    "qwen2_moe": {**_MOE, "shared_expert_intermediate_size": 128, "norm_topk_prob": False},
+    "qwen3_moe": {**_MOE, "norm_topk_prob": True},
     "qwen2_vl": {"vision_depth": 1, "vision_embed_dim": 64, "vision_heads": 2},
     "gemma3_mm": {"head_dim": 32, "vision_depth": 1, "vision_embed_dim": 64, "vision_heads": 2,
                   "mm_tokens_per_image": 4},
@@ -101,7 +110,9 @@ _FAMILY_PARAMS = {
 def tiny_model_params(arch: str = "llama", **overrides) -> dict:
     """Build parameters of a tiny model; what vLLM's CPU backend accepts
     (head_dim 32, GQA 4:2). ``initializer_range`` 0.1 instead of HF's 0.02
-    gives clear argmax margins, so greedy vLLM vs HF comparisons are stable."""
+    gives clear argmax margins, so greedy vLLM vs HF comparisons are stable.
+    ``overrides`` may set any key the family has (e.g. ``falcon``:
+    ``new_decoder_architecture=False, num_key_value_heads=1``)."""
     if arch not in _SPECIALS:
         raise ValueError(f"arch must be one of {sorted(_SPECIALS)}, got {arch!r}")
     params = {
@@ -119,7 +130,12 @@ def tiny_model_params(arch: str = "llama", **overrides) -> dict:
         "corpus_lines": 600,
         "builder_version": BUILDER_VERSION,
     }
-    params.update(_FAMILY_PARAMS.get(arch, {}))
+    if arch in _FAMILY_PARAMS:
+        params.update(_FAMILY_PARAMS[arch], coverage_builder_version=COVERAGE_BUILDER_VERSION)
+    if arch == "qwen2_vl":  # without torchvision only the image processor is saved (see _save_processor)
+        import importlib.util
+
+        params["full_processor"] = importlib.util.find_spec("torchvision") is not None
     unknown = set(overrides) - set(params)
     if unknown:
         raise TypeError(f"unknown tiny model parameters: {sorted(unknown)}")
@@ -185,6 +201,10 @@ def _build_tokenizer(params: dict, out: Path) -> dict:
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(params["corpus_lines"], params["seed"]), trainer=trainer)
+    if specials.get("added"):
+        from tokenizers import AddedToken
+
+        tok.add_tokens([AddedToken(t, normalized=False) for t in specials["added"]])
     if specials["add_bos"]:
         bos = specials["bos"]
         tok.post_processor = processors.TemplateProcessing(
@@ -229,8 +249,26 @@ def _build_model(params: dict, token_ids: dict, out: Path) -> None:
         pad_token_id=token_ids["pad_token_id"],
     )
     model.save_pretrained(out)
+    if params["arch"] == "gemma3_mm":
+        _hub_layout_siglip(out)
     if params["arch"] in ("qwen2_vl", "gemma3_mm"):
         _save_processor(params, out)
+
+
+def _hub_layout_siglip(out: Path) -> None:
+    """transformers 5 saves Gemma 3's SigLIP tower as ``vision_tower.<...>``;
+    hub checkpoints (and vLLM 0.32's loader) have ``vision_tower.vision_model.<...>``,
+    which transformers 5 also loads. Rename to the hub layout."""
+    from safetensors.torch import load_file, save_file
+
+    (path,) = out.glob("*.safetensors")
+    tensors = load_file(path)
+    renamed = {
+        ("vision_tower.vision_model." + k[len("vision_tower."):]
+         if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+        for k, v in tensors.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})
 
 
 def _make_config(params: dict, token_ids: dict):
@@ -272,6 +310,10 @@ def _make_config(params: dict, token_ids: dict):
         extra = {"head_dim": params["head_dim"]}
         if arch != "gemma":  # scores scaled by query_pre_attn_scalar**-0.5, as the real models (= head_dim)
             extra["query_pre_attn_scalar"] = params["head_dim"]
+            extra["sliding_window"] = params["sliding_window"]
+        if arch == "gemma3":
+            n = params["num_hidden_layers"]
+            extra["layer_types"] = ["sliding_attention"] * (n - 1) + ["full_attention"]
         return config_cls(**common, **extra), model_cls
     if arch == "phi3":
         return tf.Phi3Config(**common), tf.Phi3ForCausalLM
@@ -286,7 +328,8 @@ def _make_config(params: dict, token_ids: dict):
                  "sliding_window": None}
         return tf.MixtralConfig(**common, **extra), tf.MixtralForCausalLM
     if arch in ("qwen2_moe", "qwen3_moe"):
-        extra = {k: params[k] for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size")}
+        extra = {k: params[k] for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                        "norm_topk_prob")}
         if arch == "qwen2_moe":
             extra["shared_expert_intermediate_size"] = params["shared_expert_intermediate_size"]
             return tf.Qwen2MoeConfig(**common, **extra), tf.Qwen2MoeForCausalLM
@@ -312,7 +355,7 @@ def _make_config(params: dict, token_ids: dict):
                      layer_norm_epsilon=eps, bias=False, alibi=False)
         return tf.FalconConfig(**common, **extra), tf.FalconForCausalLM
     if arch == "qwen2_vl":
-        text = dict(common)
+        text = dict(common, rms_norm_eps=eps)
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0,
                                    "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]}
         vision = dict(depth=params["vision_depth"], embed_dim=params["vision_embed_dim"],

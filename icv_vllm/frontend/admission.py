@@ -39,24 +39,33 @@ class AdmissionError(ValueError):
 
 
 class _OneUseTokens:
-    """Process-local one-use tokens -> values (bounded; oldest dropped)."""
+    """Process-local unguessable tokens -> values, each good for ``uses``
+    takes (bounded; oldest dropped)."""
 
     def __init__(self, limit: int):
-        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._items: OrderedDict[str, list] = OrderedDict()
         self._limit = limit
         self._lock = threading.Lock()
 
-    def issue(self, value: Any) -> str:
+    def issue(self, value: Any, uses: int = 1) -> str:
         token = secrets.token_hex(16)
         with self._lock:
-            self._items[token] = value
+            self._items[token] = [value, max(1, int(uses))]
             while len(self._items) > self._limit:
                 self._items.popitem(last=False)
         return token
 
     def take(self, token: object) -> Any:
+        if not isinstance(token, str):
+            return None
         with self._lock:
-            return self._items.pop(token, None) if isinstance(token, str) else None
+            item = self._items.get(token)
+            if item is None:
+                return None
+            item[1] -= 1
+            if item[1] <= 0:
+                del self._items[token]
+            return item[0]
 
 
 # canonical selection already admitted by the HTTP layer: ticket -> (selection, resolved)

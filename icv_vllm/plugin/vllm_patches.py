@@ -88,10 +88,20 @@ SCHED_BLOCKED_WAITING = PatchPoint(_SCHED, "Scheduler._handle_blocked_waiting_re
                                    "(as max_loras), and fail requests whose vectors could not be loaded")
 V2_UNSUPPORTED = PatchPoint("vllm.config.vllm", "VllmConfig._get_v2_model_runner_unsupported_features",
                             ("self",), "keep vLLM on the V1 model runner, whose steps the patches above see")
+_BATCH = "vllm.v1.worker.gpu_input_batch"
+BATCH_ADD = PatchPoint(_BATCH, "InputBatch.add_request", ("self", "request"),
+                       "parse a request's vectors once, into the row it joins")
+BATCH_REMOVE = PatchPoint(_BATCH, "InputBatch.remove_request", ("self", "req_id"),
+                          "clear the row a request leaves")
+BATCH_SWAP = PatchPoint(_BATCH, "InputBatch.swap_states", ("self", "i1", "i2"),
+                        "follow two requests that trade rows")
+BATCH_CONDENSE = PatchPoint(_BATCH, "InputBatch.condense", ("self",),
+                            "follow requests that condense moves into emptied rows")
 WORKER_BASE = PatchPoint("vllm.v1.worker.worker_base", "WorkerBase", (),
                          "add the icv_take_captures method that collective_rpc calls by name")
 ALL_PATCH_POINTS = (LOAD_MODEL_GPU, LOAD_MODEL_CPU, PREPARE_INPUTS, PROCESS_INPUTS, LORA_HASH_KEYS,
-                    SCHED_ADD_REQUEST, SCHED_SCHEDULE, SCHED_BLOCKED_WAITING, V2_UNSUPPORTED, WORKER_BASE)
+                    SCHED_ADD_REQUEST, SCHED_SCHEDULE, SCHED_BLOCKED_WAITING, V2_UNSUPPORTED,
+                    BATCH_ADD, BATCH_REMOVE, BATCH_SWAP, BATCH_CONDENSE, WORKER_BASE)
 
 # -- attributes read --------------------------------------------------------------------
 _R = "vllm.v1.worker.gpu_model_runner.GPUModelRunner"
@@ -107,12 +117,18 @@ RUNNER_READS = (
     AttributeRead(_R, "max_num_tokens", "size the per-token table"),
     AttributeRead(_R, "max_num_reqs", "size the per-request tables"),
     AttributeRead(_R, "requests", "find each scheduled request's sampling params"),
-    AttributeRead(_R, "input_batch.req_ids", "order of the step's requests (rows of its tokens)"),
+    AttributeRead(_R, "input_batch.req_ids", "the request in each row (capture requests)"),
+    AttributeRead(_R, "input_batch.max_num_reqs", "size the per-request vector rows"),
     AttributeRead(_R, "input_batch.num_computed_tokens_cpu", "find a capture request's last prompt token"),
+    AttributeRead(_R, "input_batch.batch_update_builder.removed",
+                  "the rows condense() fills, to follow the requests it moves"),
 )
-REQUEST_STATE_READS = (  # vllm.v1.worker.gpu_input_batch.CachedRequestState
+BATCH_REQUEST_READS = (  # what InputBatch.add_request receives: a CachedRequestState
+    AttributeRead("vllm.v1.worker.gpu_input_batch.CachedRequestState", "req_id", "key a request's row"),
     AttributeRead("vllm.v1.worker.gpu_input_batch.CachedRequestState", "sampling_params",
                   "read a request's resolved selection (extra_args)"),
+)
+REQUEST_STATE_READS = (  # vllm.v1.worker.gpu_input_batch.CachedRequestState
     AttributeRead("vllm.v1.worker.gpu_input_batch.CachedRequestState", "num_prompt_tokens",
                   "find a capture request's last prompt token"),
     AttributeRead("vllm.v1.worker.gpu_input_batch.CachedRequestState", "prompt_token_ids",
@@ -334,6 +350,65 @@ def _v1_runner_for_icv(original):
     return _get_v2_model_runner_unsupported_features
 
 
+def _tables_of(batch):
+    """The vector rows mirroring this InputBatch, once steering is set up."""
+    tables = batch.__dict__.get("_icv_tables")
+    if tables is None:
+        from ..worker.runtime import RUNTIME
+
+        if not RUNTIME.ready:
+            return None
+        from ..worker.request_tables import RequestTables
+
+        tables = batch.__dict__["_icv_tables"] = RequestTables(batch.max_num_reqs)
+    return tables
+
+
+def _batch_add(original):
+    def add_request(self, request, *args, **kwargs):
+        tables = _tables_of(self)  # before the first row exists: rows and tables start together
+        row = original(self, request, *args, **kwargs)
+        if tables is not None:
+            check_reads(request, BATCH_REQUEST_READS)
+            tables.add(row, request.req_id, request.sampling_params)
+        return row
+    return add_request
+
+
+def _batch_remove(original):
+    def remove_request(self, req_id, *args, **kwargs):
+        row = original(self, req_id, *args, **kwargs)
+        tables = _tables_of(self)
+        if tables is not None:
+            tables.remove(row, req_id)
+        return row
+    return remove_request
+
+
+def _batch_swap(original):
+    def swap_states(self, i1, i2, *args, **kwargs):
+        result = original(self, i1, i2, *args, **kwargs)
+        tables = _tables_of(self)
+        if tables is not None:
+            tables.swap(i1, i2)
+        return result
+    return swap_states
+
+
+def _batch_condense(original):
+    def condense(self, *args, **kwargs):
+        tables = _tables_of(self)
+        holes = list(self.batch_update_builder.removed) if tables is not None else ()
+        result = original(self, *args, **kwargs)
+        if holes:
+            req_ids = self.req_ids
+            for hole in holes:
+                if hole < len(req_ids) and req_ids[hole] is not None:
+                    tables.move(req_ids[hole], hole)
+        return result
+    return condense
+
+
 def _add_worker_rpc(module: ModuleType) -> None:
     _, _, worker_base = _lookup(module, WORKER_BASE)
 
@@ -356,4 +431,8 @@ def install() -> None:
     _wrap(SCHED_SCHEDULE, _around_schedule)
     _wrap(SCHED_BLOCKED_WAITING, _gate_waiting_request)
     _wrap(V2_UNSUPPORTED, _v1_runner_for_icv)
+    _wrap(BATCH_ADD, _batch_add)
+    _wrap(BATCH_REMOVE, _batch_remove)
+    _wrap(BATCH_SWAP, _batch_swap)
+    _wrap(BATCH_CONDENSE, _batch_condense)
     when_imported(WORKER_BASE.module, _add_worker_rpc)

@@ -23,12 +23,9 @@ import contextlib
 from typing import Any, Awaitable, Callable, TypeVar
 
 from .errors import ICVHTTPError
-from .vllm_hooks import STATE_ENGINE_CLIENT
+from .vllm_hooks import STATE_ENGINE_CLIENT, STATE_UVICORN_SERVER
 
 T = TypeVar("T")
-# vLLM internals read here (0.32): serve_http stores the uvicorn server as
-# app.state.server and sets its should_exit after stopping the engine.
-STATE_UVICORN_SERVER = "server"
 POLL_S = 0.25
 CLEANUP_S = 3.0
 

@@ -44,9 +44,9 @@ GENERATE_PATHS = SERVED_ON
 # Form bodies (audio uploads) are not JSON; vLLM's own admission checks their fields.
 FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
 
-# Blocking: resolves and pins a canonical selection, returns its ticket;
-# raises ICVHTTPError when it cannot be served.
-Admit = Callable[[str], str]
+# Blocking: resolves and pins a canonical selection, returns its ticket good
+# for the given number of engine requests; raises ICVHTTPError when it cannot be served.
+Admit = Callable[[str, int], str]
 
 
 class ICVRequestMiddleware:
@@ -126,12 +126,11 @@ class ICVRequestMiddleware:
         if translation is None:
             return None
         if translation.spec is not None:
-            ticket = await asyncio.to_thread(self.admit, translation.spec)
-            # A ticket is good for one engine request; a batched completion
-            # makes several, whose admission then resolves the (already
-            # checked) selection itself.
-            if engine_requests(translation.body) == 1:
-                translation.body[XARGS_FIELD][ADMISSION_TICKET_KEY] = ticket
+            # one ticket use per engine request the body makes (a batched
+            # completion makes one per prompt; n > 1 fans out after admission)
+            uses = engine_requests(translation.body)
+            ticket = await asyncio.to_thread(self.admit, translation.spec, uses)
+            translation.body[XARGS_FIELD][ADMISSION_TICKET_KEY] = ticket
         return json.dumps(translation.body).encode()
 
 

@@ -49,10 +49,12 @@ class ICVServer:
             self._admission = Admission(state_attr(self._app_state, STATE_VLLM_CONFIG))
         return self._admission
 
-    def admit(self, spec: str) -> str:
+    def admit(self, spec: str, uses: int = 1) -> str:
         """Resolve and pin a canonical selection; returns the ticket that
         ``vllm_xargs["icv_ticket"]`` carries to the engine's admission, so it
-        is not resolved twice. Blocking (reads files): call it in a thread.
+        is not resolved twice; ``uses``: the engine requests the body makes
+        (a completion with several prompts). Blocking (reads files): call it
+        in a thread.
         A selection that cannot be served is a 400."""
         from ..frontend.admission import TICKETS, AdmissionError
 
@@ -60,7 +62,7 @@ class ICVServer:
             resolved = self._get_admission().resolve(spec)
         except AdmissionError as e:
             raise ICVHTTPError(400, self.store.hide_dir(str(e)), "icv") from None
-        return TICKETS.issue((spec, resolved))
+        return TICKETS.issue((spec, resolved), uses)
 
     def problem_with(self, name: str) -> str | None:
         """Why the served model cannot use vector ``name`` (None: it can).

@@ -18,6 +18,8 @@ which looks the name up in its own module, so we patch that module.
 | ``logger.configure_logging_from_args`` | vLLM's logging flags |
 | ``authenticate.GUARDED_PREFIX`` | ``--api-key`` must cover ``/v1`` (our routes live there; checked) |
 | ``app.state.engine_client`` / ``.vllm_config`` | set by ``init_app_state``; the routes use the loaded engine |
+| ``app.state.server.should_exit`` | set by ``serve_http`` on SIGTERM: in-flight requests and extractions are cancelled (``abandon``) |
+| ``engine_client.errored`` | a dead engine: the same |
 | ``vllm.exceptions.VLLMClientError`` | what the plugin's admission check raises for a bad selection |
 | ``engine_client.renderer.get_tokenizer()`` | the engine's own tokenizer, for in-server extraction |
 | ``engine_client.vllm_config.model_config.max_model_len`` / ``.model`` | refuse over-long demonstrations; the model recorded in a created vector |
@@ -81,6 +83,9 @@ AUTH_GUARDED_PREFIX = Hook("vllm.entrypoints.serve.middleware.authenticate", "GU
 # Attributes init_app_state sets on app.state before the first request.
 STATE_ENGINE_CLIENT = "engine_client"
 STATE_VLLM_CONFIG = "vllm_config"
+# serve_http stores the uvicorn server as app.state.server and sets its
+# should_exit after stopping the engine (read by abandon.StopSignal).
+STATE_UVICORN_SERVER = "server"
 
 
 def patch_build_app(wrap) -> None:

@@ -17,8 +17,7 @@ import torch
 from ..config import plugin_config
 from ..model_families import family_of
 from ..plugin.vllm_patches import MODEL_READS, REQUEST_STATE_READS, check_reads
-from ..protocol import (CAPTURE_EXTRA_ARGS_KEY, MAX_VECTORS_PER_REQUEST, STEP_VECTORS_ATTR,
-                        parse_resolved, resolved_of)
+from ..protocol import MAX_VECTORS_PER_REQUEST, STEP_VECTORS_ATTR
 from .captures import CaptureRecorder
 from .shift import DESCRIPTIONS, choose_shift
 from .step_metadata import StepMetadata
@@ -55,57 +54,74 @@ class SteeringRuntime:
         self.layers = install_steering(model, family, num_layers)
         check_reads(model, MODEL_READS)
         device = torch.device(runner.device)
-        self.bank = VectorBank(config.max_slots, num_layers, int(text_config.hidden_size), device,
-                               growable=not config.bank_is_fixed(device.type))
-        self.metadata = StepMetadata(runner.max_num_tokens, runner.max_num_reqs, device)
-        self.shift = choose_shift(device, model_config.dtype, self.metadata)
-        self.shift_path = self.shift.name
-        self.captures = CaptureRecorder(num_layers, model.embed_input_ids, device)
-        self.ready = True
+        self.build(VectorBank(config.max_slots, num_layers, int(text_config.hidden_size), device,
+                              growable=not config.bank_is_fixed(device.type)),
+                   StepMetadata(runner.max_num_tokens, runner.max_num_reqs, device), model_config.dtype,
+                   CaptureRecorder(num_layers, model.embed_input_ids, device))
         logger.info("icv: steering %d decoder layers of %s; %s bank of %d vector slots; shift by %s",
                     len(self.layers), type(model).__name__, "growable" if self.bank.growable else "fixed",
                     self.bank.capacity, DESCRIPTIONS[self.shift_path])
 
+    def build(self, bank: VectorBank, metadata: StepMetadata, dtype: torch.dtype,
+              captures: CaptureRecorder) -> None:
+        """The state ``setup`` makes (also used on its own by benchmarks/host_step.py)."""
+        self.bank, self.metadata, self.captures = bank, metadata, captures
+        self.shift = choose_shift(bank.tensor.device, dtype, metadata)
+        self.shift_path = self.shift.name
+        max_num_reqs = metadata.entry_slots.shape[0]
+        self._arange = np.arange(max_num_reqs, dtype=np.int32)
+        self._no_slots = np.full((0, MAX_VECTORS_PER_REQUEST), -1, dtype=np.int32)
+        self._no_scales = np.zeros((0, MAX_VECTORS_PER_REQUEST), dtype=np.float32)
+        self.ready = True
+
     # -- once per step -----------------------------------------------------------
     def prepare_step(self, runner: Any, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> None:
+        """Fill the step tables from the per-request rows (``RequestTables``,
+        kept as requests join, leave and move): numpy over the step's rows, a
+        Python loop only over its distinct vectors."""
         shipped = getattr(scheduler_output, STEP_VECTORS_ATTR, None)
+        tables = runner.input_batch.__dict__.get("_icv_tables")
         if shipped is not None:
+            if tables is not None:
+                self.bank.release(tables.forget_vectors(shipped.dropped))
             self.bank.drop_contents(shipped.dropped)
             self.bank.add_contents(shipped.added)
         num_reqs = len(num_scheduled_tokens)
-        req_ids = runner.input_batch.req_ids[:num_reqs]
-        rows = np.full(num_reqs, -1, dtype=np.int32)
-        slots = np.full((num_reqs, MAX_VECTORS_PER_REQUEST), -1, dtype=np.int32)
-        scales = np.zeros((num_reqs, MAX_VECTORS_PER_REQUEST), dtype=np.float32)
-        pinned: set[int] = set()
-        captures = []
-        for i, req_id in enumerate(req_ids):
-            state = runner.requests[req_id]
+        self.shift.new_step()
+        self.captures.step_captures = []
+        steered = tables.steered[:num_reqs] if tables is not None else None
+        self.active = steered is not None and bool(steered.any())
+        if self.active:
+            ids = tables.vector_ids[:num_reqs]
+            present = np.zeros(len(tables.digest_of_id) + 1, dtype=bool)
+            present[ids] = True  # -1 (no vector) marks the extra last entry
+            lookup = self.bank.slots_for(np.flatnonzero(present[:-1]), tables.digest_of_id)
+            slots = lookup[ids]
+            rows = np.where(steered, self._arange[:num_reqs], -1).astype(np.int32, copy=False)
+            self.metadata.fill(np.repeat(rows, num_scheduled_tokens), slots, tables.scales[:num_reqs])
+        else:  # nothing steered: every token row -1
+            self.metadata.fill(np.full(int(num_scheduled_tokens.sum()), -1, dtype=np.int32),
+                               self._no_slots, self._no_scales)
+        if tables is not None and tables.capturing[:num_reqs].any():
+            self.captures.step_captures = self._step_captures(runner, tables, num_scheduled_tokens)
+
+    def _step_captures(self, runner: Any, tables, num_scheduled_tokens: np.ndarray) -> list[tuple[str, int]]:
+        """(capture id, token index) of capture requests whose last prompt
+        token is in this step."""
+        out = []
+        starts = np.concatenate(([0], np.cumsum(num_scheduled_tokens)[:-1]))
+        for row in np.flatnonzero(tables.capturing[: len(num_scheduled_tokens)]).tolist():
+            state = runner.requests[runner.input_batch.req_ids[row]]
             if not self._checked_request_state:
                 check_reads(state, REQUEST_STATE_READS)
                 self._checked_request_state = True
-            params = state.sampling_params
-            extra = params.extra_args if params is not None else None
-            if not extra:
-                continue
-            resolved = resolved_of(extra)
-            if resolved is not None:
-                choices = parse_resolved(resolved)
-                rows[i] = i
-                slots[i, : len(choices)] = [self.bank.slot_of(c.digest, pinned) for c in choices]
-                scales[i, : len(choices)] = [c.scale for c in choices]
-            capture_id = extra.get(CAPTURE_EXTRA_ARGS_KEY)
-            if capture_id is not None:
-                done = int(runner.input_batch.num_computed_tokens_cpu[i])
-                last = state.num_prompt_tokens - 1
-                if done <= last < done + int(num_scheduled_tokens[i]):
-                    start = int(num_scheduled_tokens[:i].sum())
-                    captures.append((str(capture_id), start + last - done))
-                    self.captures.begin(str(capture_id), state.prompt_token_ids[-1])
-        self.metadata.fill(np.repeat(rows, num_scheduled_tokens), slots, scales)
-        self.active = bool((rows >= 0).any())
-        self.shift.new_step()
-        self.captures.step_captures = captures
+            done = int(runner.input_batch.num_computed_tokens_cpu[row])
+            last = state.num_prompt_tokens - 1
+            if done <= last < done + int(num_scheduled_tokens[row]):
+                capture_id = tables.capture_ids[row]
+                out.append((capture_id, int(starts[row]) + last - done))
+                self.captures.begin(capture_id, state.prompt_token_ids[-1])
+        return out
 
     # -- once per decoder layer per step ---------------------------------------
     def apply(self, ff_output: torch.Tensor, layer: int) -> None:

@@ -22,6 +22,10 @@ class StepMetadata:
         self.entry_scales = torch.zeros((max_num_reqs, ENTRIES_PER_REQUEST), dtype=torch.float32, device=device)
         self._num_filled_tokens = 0
         self._pinned = device.type == "cuda"
+        # On the CPU, write through numpy views of the same memory: no torch
+        # dispatch per step (the kernels read these very tensors).
+        self._views = ((self.token_rows.numpy(), self.entry_slots.numpy(), self.entry_scales.numpy())
+                       if device.type == "cpu" else None)
 
     def fill(self, token_rows: np.ndarray, entry_slots: np.ndarray, entry_scales: np.ndarray) -> None:
         """Write one step's map. ``token_rows`` [T] int32, tables [R, 4]."""
@@ -31,6 +35,15 @@ class StepMetadata:
                 f"step has {n} tokens / {r} requests, icv buffers hold "
                 f"{self.token_rows.shape[0]} / {self.entry_slots.shape[0]}"
             )
+        if self._views is not None:
+            rows_view, slots_view, scales_view = self._views
+            rows_view[:n] = token_rows
+            if self._num_filled_tokens > n:
+                rows_view[n:self._num_filled_tokens] = -1
+            self._num_filled_tokens = n
+            slots_view[:r] = entry_slots
+            scales_view[:r] = entry_scales
+            return
         nb = self._pinned
         self.token_rows[:n].copy_(torch.from_numpy(token_rows), non_blocking=nb)
         if self._num_filled_tokens > n:

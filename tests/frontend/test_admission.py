@@ -153,3 +153,13 @@ def test_not_configured(monkeypatch, dirs):
     config.additional_config = {}
     with pytest.raises(AdmissionError, match="steering is not configured.*--icv-dir DIR.*ICV_VLLM_DIR"):
         Admission(config).admit({"icv": "a:1"})
+
+
+def test_a_ticket_serves_each_engine_request_of_one_body(dirs):
+    a = admission(dirs)
+    resolved = a.resolve("polite:0.5")
+    ticket = TICKETS.issue(("polite:0.5", resolved), uses=3)
+    for _ in range(3):
+        assert a.admit({"icv": "polite:0.5", "icv_ticket": ticket})["icv_resolved"] == resolved
+    with pytest.raises(AdmissionError, match="reserved"):
+        a.admit({"icv": "polite:0.5", "icv_ticket": ticket})

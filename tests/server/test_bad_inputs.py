@@ -183,3 +183,14 @@ def test_batched_completion_with_a_selection(icv_server):
     assert plain.status_code == steered.status_code == 200, steered.text
     texts = [c["text"] for c in sorted(steered.json()["choices"], key=lambda c: c["index"])]
     assert len(texts) == 2 and texts != [c["text"] for c in sorted(plain.json()["choices"], key=lambda c: c["index"])]
+
+
+def test_reserved_keys_whatever_the_request_id(icv_server):
+    """Capture and admission keys are never the client's to set, even with a
+    request id that looks like the server's own capture requests."""
+    headers = {**icv_server.headers, "X-Request-Id": "icv-capture-0123456789abcdef"}
+    for key in ("icv_capture", "icv_resolved", "icv_ticket"):
+        r = requests.post(icv_server.url + "/v1/completions", headers=headers, timeout=60,
+                          json={"model": icv_server.model, "prompt": "x", "max_tokens": 1,
+                                "vllm_xargs": {key: "0123456789abcdef"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "vllm_xargs", r.text

@@ -145,17 +145,21 @@ def test_no_selection_elsewhere_passes():
 
 # -- the middleware on a stand-in app -------------------------------------------------
 
+uses_seen: list = []
+
+
 def _echo_app(admitted: list, refuse: str | None = None, admit_delay: float = 0.0) -> FastAPI:
     from icv_vllm.server.middleware import ICVRequestMiddleware
 
     app = FastAPI()
 
-    def admit(spec: str) -> str:
+    def admit(spec: str, uses: int = 1) -> str:
         if admit_delay:
             time.sleep(admit_delay)  # blocking, as file IO is: must not stall the event loop
         if refuse and refuse in spec:
             raise ICVHTTPError(400, f"unknown vector {refuse!r}", "icv")
         admitted.append((spec, threading.current_thread() is threading.main_thread()))
+        uses_seen.append(uses)
         return f"ticket-{len(admitted)}"
 
     app.add_middleware(ICVRequestMiddleware, admit=admit)
@@ -190,12 +194,13 @@ def test_middleware_rewrites_generate_routes_only():
     assert "icv" in form
 
 
-def test_batched_completions_carry_no_ticket():
+def test_batched_completions_get_a_ticket_use_per_prompt():
     admitted: list = []
     client = TestClient(_echo_app(admitted))
-    r = client.post("/v1/completions", json={"prompt": ["p", "q"], "icv": "a:1"})
-    assert json.loads(r.json()["raw"])["vllm_xargs"] == {"icv": "a:1.0"}
-    assert len(admitted) == 1  # checked here all the same
+    uses_seen.clear()
+    r = client.post("/v1/completions", json={"prompt": ["p", "q", "r"], "icv": "a:1"})
+    assert json.loads(r.json()["raw"])["vllm_xargs"] == {"icv": "a:1.0", "icv_ticket": "ticket-1"}
+    assert len(admitted) == 1 and uses_seen == [3]  # admitted once, for three engine requests
 
 
 def test_middleware_refuses_with_openai_error():
@@ -272,7 +277,7 @@ def test_requests_in_flight_end_when_the_server_stops():
     from icv_vllm.server.middleware import ICVRequestMiddleware
 
     app = FastAPI()
-    app.add_middleware(ICVRequestMiddleware, admit=lambda spec: "t")
+    app.add_middleware(ICVRequestMiddleware, admit=lambda spec, uses=1: "t")
     app.state.server = SimpleNamespace(should_exit=False)
     cancelled = []
 
