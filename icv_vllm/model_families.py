@@ -20,10 +20,22 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ModelFamily:
+    """``stream``: how a layer's output gives the residual stream — ``"sum"``:
+    it returns ``(hidden, residual)`` and the add happens in the next layer's
+    fused add + norm; ``"output"``: it returns the stream; ``"first"``: it
+    returns ``(stream, other)``. ``ff_output``: ``"tensor"``, or ``"out_bias"``
+    for a block returning ``(output, bias)`` whose bias the layer adds later
+    (the shift applies to output + bias, the block's true output).
+    ``tp_safe``: whether the block's output is all-reduced inside it; where
+    not, tensor parallelism is refused at start-up (``tp_unsafe_when`` names
+    the config flags that make it so)."""
+
     architecture: str
     layer_classes: tuple[str, ...]
     ff_attribute: str = "mlp"
     stream: str = "sum"
+    ff_output: str = "tensor"
+    tp_unsafe_when: tuple[str, ...] = ()
     note: str = ""
 
 
@@ -32,6 +44,33 @@ FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily("MistralForCausalLM", ("MistralDecoderLayer",)),
     ModelFamily("Qwen2ForCausalLM", ("Qwen2DecoderLayer",)),
     ModelFamily("Qwen3ForCausalLM", ("Qwen3DecoderLayer",)),
+    ModelFamily("GemmaForCausalLM", ("GemmaDecoderLayer",)),
+    ModelFamily("Gemma2ForCausalLM", ("Gemma2DecoderLayer",),
+                note="shift before the post-feed-forward norm"),
+    ModelFamily("Gemma3ForCausalLM", ("Gemma3DecoderLayer",),
+                note="shift before the post-feed-forward norm"),
+    ModelFamily("Phi3ForCausalLM", ("LlamaDecoderLayer",), note="vLLM runs it with Llama's layers"),
+    ModelFamily("GraniteForCausalLM", ("GraniteDecoderLayer",), stream="output",
+                note="shift before the residual multiplier"),
+    ModelFamily("Olmo2ForCausalLM", ("Olmo2DecoderLayer",), stream="output",
+                note="vLLM's Transformers backend; shift before the post-feed-forward norm"),
+    ModelFamily("Starcoder2ForCausalLM", ("Starcoder2DecoderLayer",), stream="output",
+                note="vLLM's Transformers backend"),
+    ModelFamily("FalconForCausalLM", ("FalconDecoderLayer",), stream="output", ff_output="out_bias",
+                tp_unsafe_when=("parallel_attn", "new_decoder_architecture"),
+                note="parallel attention: shift on the MLP branch; tensor parallel only for sequential layouts"),
+    ModelFamily("GPTNeoXForCausalLM", ("GPTNeoXLayer",), stream="output",
+                note="vLLM's Transformers backend; parallel residual: shift on the MLP branch"),
+    ModelFamily("StableLmForCausalLM", ("StablelmDecoderLayer",), stream="first",
+                note="use_parallel_residual=True is served wrongly by vLLM 0.32 itself"),
+    ModelFamily("MixtralForCausalLM", ("MixtralDecoderLayer",), ff_attribute="block_sparse_moe",
+                note="shift on the sparse-MoE block's output"),
+    ModelFamily("Qwen2MoeForCausalLM", ("Qwen2MoeDecoderLayer",), note="shift on the sparse-MoE block's output"),
+    ModelFamily("Qwen3MoeForCausalLM", ("Qwen3MoeDecoderLayer",), note="shift on the sparse-MoE block's output"),
+    ModelFamily("Qwen2VLForConditionalGeneration", ("Qwen2DecoderLayer",),
+                note="the language model's layers; vLLM needs torchvision for this model"),
+    ModelFamily("Gemma3ForConditionalGeneration", ("Gemma3DecoderLayer",),
+                note="the language model's layers; vLLM needs torchvision for this model"),
 )
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES}
 

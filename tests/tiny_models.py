@@ -102,7 +102,7 @@ _FAMILY_PARAMS = {
     "qwen2_moe": {**_MOE, "shared_expert_intermediate_size": 128, "norm_topk_prob": False},
     "qwen3_moe": {**_MOE, "norm_topk_prob": True},
     "qwen2_vl": {"vision_depth": 1, "vision_embed_dim": 64, "vision_heads": 2},
-    "gemma3_mm": {"head_dim": 32, "vision_depth": 1, "vision_embed_dim": 64, "vision_heads": 2,
+    "gemma3_mm": {"head_dim": 32, "sliding_window": 512, "vision_depth": 1, "vision_embed_dim": 64, "vision_heads": 2,
                   "mm_tokens_per_image": 4},
 }
 
@@ -369,7 +369,10 @@ def _make_config(params: dict, token_ids: dict):
         )
         return config, tf.Qwen2VLForConditionalGeneration
     if arch == "gemma3_mm":
-        text = dict(common, rms_norm_eps=eps, head_dim=params["head_dim"], query_pre_attn_scalar=params["head_dim"])
+        n = params["num_hidden_layers"]
+        text = dict(common, rms_norm_eps=eps, head_dim=params["head_dim"], query_pre_attn_scalar=params["head_dim"],
+                    sliding_window=params["sliding_window"],
+                    layer_types=["sliding_attention"] * (n - 1) + ["full_attention"])
         vision = dict(hidden_size=params["vision_embed_dim"], intermediate_size=2 * params["vision_embed_dim"],
                       num_hidden_layers=params["vision_depth"], num_attention_heads=params["vision_heads"],
                       image_size=32, patch_size=8)  # 16 patches, pooled to mm_tokens_per_image (4)

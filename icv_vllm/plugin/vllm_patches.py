@@ -109,6 +109,8 @@ _S = "vllm.v1.core.sched.scheduler.Scheduler"
 RUNNER_READS = (
     AttributeRead(_R, "vllm_config", "read the plugin's settings"),
     AttributeRead(_R, "get_model", "find the loaded model's decoder layers"),
+    AttributeRead(_R, "vllm_config.parallel_config.tensor_parallel_size",
+                  "refuse families whose feed-forward output no rank holds under tensor parallelism"),
     AttributeRead(_R, "model_config.hf_text_config.num_hidden_layers", "size the vector bank"),
     AttributeRead(_R, "model_config.hf_text_config.hidden_size", "size the vector bank"),
     AttributeRead(_R, "model_config.architectures", "find the model family's decoder layers"),

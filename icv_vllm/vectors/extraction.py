@@ -79,9 +79,11 @@ def icv_from_streams(streams: torch.Tensor, method: str = "pca") -> torch.Tensor
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder blocks of a causal LM: the ``ModuleList`` with
-    ``config.num_hidden_layers`` entries (``model.model.layers`` for Llama/Qwen2)."""
-    count = model.config.num_hidden_layers
+    """The decoder blocks of a causal LM: the ``ModuleList`` with the text
+    config's ``num_hidden_layers`` entries (``model.model.layers`` for Llama,
+    ``transformer.h`` for Falcon, the language model's layers of a
+    vision-language model)."""
+    count = _text_config(model).num_hidden_layers
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     for name in ("layers", "h", "blocks"):
         layers = getattr(base, name, None)
@@ -91,6 +93,11 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return module
     raise ValueError(f"cannot find the {count} decoder layers of {type(model).__name__}")
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -135,7 +142,7 @@ def residual_streams_at_last_token(
     handles = [model.get_input_embeddings().register_forward_hook(recorder(0))]
     handles += [layer.register_forward_hook(recorder(i + 1)) for i, layer in enumerate(layers)]
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    result = torch.empty(len(texts), len(layers) + 1, model.config.hidden_size, dtype=torch.float32)
+    result = torch.empty(len(texts), len(layers) + 1, _text_config(model).hidden_size, dtype=torch.float32)
     was_training = model.training
     model.eval()
     try:
@@ -176,7 +183,12 @@ def _load(model_dir: str | os.PathLike, device: str, progress: bool = True):
         hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        except ValueError:  # a vision-language checkpoint: its language model is what we read
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device)
     finally:
         if was_enabled and not progress:
             hf_logging.enable_progress_bar()

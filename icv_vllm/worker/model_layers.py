@@ -26,7 +26,7 @@ from torch import nn
 from ..model_families import ModelFamily
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)$")
-_steered: dict[type, type] = {}
+_steered: dict[tuple[type, str], type] = {}
 _observed: dict[tuple[type, str], type] = {}
 
 
@@ -34,34 +34,65 @@ class UnsupportedModelError(RuntimeError):
     pass
 
 
-def _steered_feed_forward(base: type) -> type:
-    if base not in _steered:
-        def forward(self, *args, **kwargs):
-            out = base.forward(self, *args, **kwargs)
-            torch.ops.icv_vllm.steer_(out, self.icv_layer_index)
-            return out
-
-        _steered[base] = type(f"Steered{base.__name__}", (base,), {"forward": forward})
-    return _steered[base]
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[T, D] view of a block's output (the Transformers backend runs [1, T, D])."""
+    return t if t.dim() == 2 else t.view(-1, t.shape[-1])
 
 
-def _observed_layer(base: type, stream: str) -> type:
-    key = (base, stream)
-    if key not in _observed:
-        if stream == "sum":  # returns (feed-forward output, residual): the stream is their sum
-            def forward(self, *args, **kwargs):
-                hidden, residual = base.forward(self, *args, **kwargs)
-                torch.ops.icv_vllm.observe_(hidden, residual, self.icv_layer_index)
-                return hidden, residual
-        elif stream == "output":  # returns the residual stream itself
-            def forward(self, *args, **kwargs):
-                hidden = base.forward(self, *args, **kwargs)
-                torch.ops.icv_vllm.observe_(hidden, None, self.icv_layer_index)
-                return hidden
+def _steer(out, index: int, ff_output: str):
+    """Shift a feed-forward block's output in place; returns it unchanged in form."""
+    if ff_output == "tensor":
+        torch.ops.icv_vllm.steer_(_rows(out), index)
+    elif ff_output == "out_bias":  # (output, bias): the block's true output is their sum
+        value, bias = out
+        if bias is None:
+            torch.ops.icv_vllm.steer_(_rows(value), index)
         else:
-            raise ValueError(f"unknown stream layout {stream!r}")
-        _observed[key] = type(f"Observed{base.__name__}", (base,), {"forward": forward})
-    return _observed[key]
+            value += bias
+            torch.ops.icv_vllm.steer_(_rows(value), index)
+            value -= bias
+    else:
+        raise ValueError(f"unknown feed-forward output {ff_output!r}")
+    return out
+
+
+def _observe(out, index: int, stream: str):
+    if stream == "sum":  # (feed-forward output, residual): the stream is their sum
+        hidden, residual = out
+        torch.ops.icv_vllm.observe_(_rows(hidden), _rows(residual), index)
+    elif stream in ("output", "first"):  # the stream itself, alone or first of a tuple
+        torch.ops.icv_vllm.observe_(_rows(out[0] if isinstance(out, tuple) else out), None, index)
+    else:
+        raise ValueError(f"unknown stream layout {stream!r}")
+    return out
+
+
+def _wrap_forward(module: nn.Module, after, cache: dict, prefix: str, kind: str) -> None:
+    """Make ``module``'s forward end with ``after(out, module.icv_layer_index, kind)``:
+    a subclass (keeps parameter names; Dynamo traces it like any module), or,
+    where the instance carries its own ``forward`` (set by a decorator or a
+    kernel hub), a wrapper of that."""
+    own = module.__dict__.get("forward")
+    if own is not None:
+        if getattr(own, "__icv_wrapped__", False):
+            return
+
+        def forward(*args, **kwargs):
+            return after(own(*args, **kwargs), module.icv_layer_index, kind)
+
+        forward.__icv_wrapped__ = True
+        module.forward = forward
+        return
+    base = type(module)
+    if getattr(base, "__icv_wrapped__", False):
+        return
+    if (base, kind) not in cache:
+        def forward(self, *args, **kwargs):
+            return after(base.forward(self, *args, **kwargs), self.icv_layer_index, kind)
+
+        cache[(base, kind)] = type(f"{prefix}{base.__name__}", (base,), {"forward": forward,
+                                                                         "__icv_wrapped__": True})
+    module.__class__ = cache[(base, kind)]
 
 
 def install_steering(model: nn.Module, family: ModelFamily, num_layers: int) -> list[int]:
@@ -70,11 +101,10 @@ def install_steering(model: nn.Module, family: ModelFamily, num_layers: int) -> 
     from . import steering_op  # noqa: F401  (registers the ops)
 
     indices = []
-    wrapped = set(_observed.values())
     for name, module in model.named_modules():
         cls = type(module)
-        if cls in wrapped:
-            indices.append(module.icv_layer_index)
+        if getattr(module, "icv_layer_index", None) is not None and hasattr(module, family.ff_attribute):
+            indices.append(module.icv_layer_index)  # wrapped already
             continue
         if cls.__name__ not in family.layer_classes:
             continue
@@ -87,10 +117,10 @@ def install_steering(model: nn.Module, family: ModelFamily, num_layers: int) -> 
             raise UnsupportedModelError(
                 f"decoder layer {name!r} ({cls.__name__}) has no feed-forward block "
                 f"{family.ff_attribute!r}; vLLM changed this model (icv-vllm read vllm 0.32.0)")
-        feed_forward.__class__ = _steered_feed_forward(type(feed_forward))
         feed_forward.icv_layer_index = index
-        module.__class__ = _observed_layer(cls, family.stream)
+        _wrap_forward(feed_forward, _steer, _steered, "Steered", family.ff_output)
         module.icv_layer_index = index
+        _wrap_forward(module, _observe, _observed, "Observed", family.stream)
         indices.append(index)
     indices.sort()
     if indices != list(range(num_layers)):

@@ -40,7 +40,7 @@ class SteeringRuntime:
 
     # -- once, after load_model ------------------------------------------------
     def setup(self, runner: Any, model: torch.nn.Module) -> None:
-        from .model_layers import install_steering
+        from .model_layers import UnsupportedModelError, install_steering
 
         config = plugin_config(runner.vllm_config)
         model_config = runner.model_config
@@ -51,6 +51,14 @@ class SteeringRuntime:
             return
         text_config = model_config.hf_text_config
         num_layers = int(text_config.num_hidden_layers)
+        tensor_parallel = int(runner.vllm_config.parallel_config.tensor_parallel_size)
+        unsafe = [flag for flag in family.tp_unsafe_when if getattr(text_config, flag, False)]
+        if tensor_parallel > 1 and unsafe:
+            raise UnsupportedModelError(
+                f"icv-vllm cannot steer {family.architecture} with {', '.join(unsafe)} under tensor "
+                f"parallelism ({tensor_parallel} ranks): its feed-forward output is only summed across "
+                "ranks together with the attention output, so no rank holds it. Run it with "
+                "--tensor-parallel-size 1, or without a vector directory")
         self.layers = install_steering(model, family, num_layers)
         check_reads(model, MODEL_READS)
         device = torch.device(runner.device)

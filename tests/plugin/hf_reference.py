@@ -9,6 +9,17 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 
+def _decoder_layers(model):
+    """The decoder layers, found independently of the plugin's code: the
+    ModuleList whose length is the text config's layer count."""
+    count = model.config.get_text_config().num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count and "vision" not in name \
+                and "visual" not in name:
+            return module
+    raise ValueError(f"no decoder layers found in {type(model).__name__}")
+
+
 def shift(x: torch.Tensor, directions: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
     """x' = ||x|| normalize(x/||x|| + 1/K sum lam (1 + max(0, cos(x, -v))) v/||v||)."""
     norm = x.norm(dim=-1, keepdim=True)
@@ -20,17 +31,23 @@ def shift(x: torch.Tensor, directions: list[tuple[torch.Tensor, float]]) -> torc
 
 
 class HFReference:
-    def __init__(self, model_dir: str):
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    """``ff_attribute``: each decoder layer's feed-forward block in the HF model
+    (``mlp`` for every supported family in transformers 5.x)."""
+
+    def __init__(self, model_dir: str, ff_attribute: str = "mlp", model_class=AutoModelForCausalLM):
+        self.model = model_class.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
         self._directions: list[tuple[torch.Tensor, float]] = []
-        for index, layer in enumerate(self.model.model.layers):
-            layer.mlp.register_forward_hook(self._hook(index))
+        for index, layer in enumerate(_decoder_layers(self.model)):
+            getattr(layer, ff_attribute).register_forward_hook(self._hook(index))
 
     def _hook(self, index: int):
         def hook(module, inputs, output):
             if not self._directions:
                 return output
             layer_dirs = [(v[index].float(), lam) for v, lam in self._directions]
+            if isinstance(output, tuple):  # (hidden, router logits) in some MoE blocks
+                return (shift(output[0].float(), layer_dirs).to(output[0].dtype), *output[1:])
             return shift(output.float(), layer_dirs).to(output.dtype)
         return hook
 
