@@ -27,7 +27,7 @@ from ..config import HOW_TO_CONFIGURE, ICVConfigError, PluginConfig, plugin_conf
 from ..model_families import family_of, supported_architectures
 from ..protocol import (ADMISSION_TICKET_KEY, CAPTURE_EXTRA_ARGS_KEY, EXTRA_ARGS_KEY,
                         RESOLVED_EXTRA_ARGS_KEY, ResolvedChoice, format_resolved)
-from ..spec import ICVSpecError, parse_spec
+from ..spec import ICVSpecError, VectorChoice, parse_spec
 from ..vectors.file_format import ICVFileError
 from .vector_files import known_names, max_file_bytes, read_vector_bytes, vector_path
 
@@ -98,12 +98,16 @@ class Admission:
 
     # -- the selection -------------------------------------------------------------
     def resolve(self, spec: object) -> str:
-        """The resolved selection (``format_resolved``) for a user's selection;
-        raises ``AdmissionError`` with the client's message."""
-        try:
-            choices = parse_spec(spec)
-        except ICVSpecError as e:
-            raise AdmissionError(f"invalid icv: {e}") from None
+        """The resolved selection (``format_resolved``) for a user's selection
+        (raw, or already parsed into ``VectorChoice``s); raises
+        ``AdmissionError`` with the client's message."""
+        if isinstance(spec, tuple) and spec and all(isinstance(c, VectorChoice) for c in spec):
+            choices = spec
+        else:
+            try:
+                choices = parse_spec(spec)
+            except ICVSpecError as e:
+                raise AdmissionError(f"invalid icv: {e}") from None
         config = self._require_config()
         if family_of(self._architectures) is None:
             raise AdmissionError(

@@ -233,56 +233,40 @@ def _admit_process_inputs(original):
     return process_inputs
 
 
-class _Inert:
-    """Admission where steering is not configured: vLLM as without the
-    plugin, except that a request selecting a vector is told how to turn
-    steering on (instead of being served unsteered)."""
+class _FrontEndAdmission:
+    """Admission in ``process_inputs``. Where steering is not configured it is
+    inert: vLLM as without the plugin, except that a request selecting a
+    vector is told how to turn steering on (instead of running unsteered)."""
 
     def __init__(self, vllm_config):
         from ..frontend.admission import Admission
 
-        self._admission = Admission(vllm_config)
-
-    def admit(self, extra: dict) -> dict:
-        from ..protocol import EXTRA_ARGS_KEY
-
-        if extra.get(EXTRA_ARGS_KEY) is not None:
-            _raise_validation(self._admission, extra)
-        return extra
-
-
-def _raise_validation(admission, extra):
-    from vllm.exceptions import VLLMValidationError
-
-    from ..frontend.admission import AdmissionError
-    from ..protocol import EXTRA_ARGS_KEY
-
-    try:
-        return admission.admit(extra)
-    except AdmissionError as e:
-        raise VLLMValidationError(str(e), parameter=EXTRA_ARGS_KEY) from None
-
-
-class _Admitting:
-    def __init__(self, vllm_config):
-        from ..frontend.admission import Admission
-
-        self._admission = Admission(vllm_config)
-        if getattr(vllm_config, "use_v2_model_runner", False):
+        self.enabled = steering_enabled(vllm_config)
+        if self.enabled and getattr(vllm_config, "use_v2_model_runner", False):
             raise VLLMChangedError("icv-vllm steers vLLM's V1 model runner only; unset "
                                    "VLLM_USE_V2_MODEL_RUNNER (or set it to 0)")
+        self._admission = Admission(vllm_config)
 
     def admit(self, extra: dict) -> dict:
-        return _raise_validation(self._admission, extra)
+        from vllm.exceptions import VLLMValidationError
+
+        from ..frontend.admission import AdmissionError
+        from ..protocol import EXTRA_ARGS_KEY
+
+        if not self.enabled and extra.get(EXTRA_ARGS_KEY) is None:
+            return extra
+        try:
+            return self._admission.admit(extra)
+        except AdmissionError as e:
+            raise VLLMValidationError(str(e), parameter=EXTRA_ARGS_KEY) from None
 
 
-def _admission(processor):
+def _admission(processor) -> _FrontEndAdmission:
     admission = processor.__dict__.get("_icv_admission")
     if admission is None:
         config = processor.vllm_config
         check_reads(config, FRONTEND_READS[1:])
-        kind = _Admitting if steering_enabled(config) else _Inert
-        admission = processor.__dict__["_icv_admission"] = kind(config)
+        admission = processor.__dict__["_icv_admission"] = _FrontEndAdmission(config)
     return admission
 
 

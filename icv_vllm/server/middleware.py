@@ -44,9 +44,9 @@ GENERATE_PATHS = SERVED_ON
 # Form bodies (audio uploads) are not JSON; vLLM's own admission checks their fields.
 FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
 
-# Blocking: resolves and pins a canonical selection, returns its ticket good
-# for the given number of engine requests; raises ICVHTTPError when it cannot be served.
-Admit = Callable[[str, int], str]
+# Blocking: resolves and pins a parsed selection, returns its ticket good for
+# the given number of engine requests; raises ICVHTTPError when it cannot be served.
+Admit = Callable[[tuple, int], str]
 
 
 class ICVRequestMiddleware:
@@ -129,7 +129,7 @@ class ICVRequestMiddleware:
             # one ticket use per engine request the body makes (a batched
             # completion makes one per prompt; n > 1 fans out after admission)
             uses = engine_requests(translation.body)
-            ticket = await asyncio.to_thread(self.admit, translation.spec, uses)
+            ticket = await asyncio.to_thread(self.admit, translation.choices, uses)
             translation.body[XARGS_FIELD][ADMISSION_TICKET_KEY] = ticket
         return json.dumps(translation.body).encode()
 

@@ -30,10 +30,12 @@ RESERVED_XARGS = RESERVED_EXTRA_ARGS_KEYS
 @dataclass(frozen=True)
 class Translation:
     """``body``: the rewritten body; ``spec``: the canonical selection, or None
-    when the request selects no vector (e.g. ``"icv": null``)."""
+    when the request selects no vector (e.g. ``"icv": null``); ``choices``: the
+    same, parsed (admission takes it as is: the field is parsed once)."""
 
     body: dict
     spec: str | None
+    choices: tuple[VectorChoice, ...] | None = None
 
 
 def _parse(value: object, where: str) -> tuple[VectorChoice, ...]:
@@ -107,7 +109,7 @@ def translate_body(body: dict, has_huge_ints: bool = False) -> Translation | Non
         out[XARGS_FIELD] = xargs
     else:
         out.pop(XARGS_FIELD, None)
-    return Translation(out, spec)
+    return Translation(out, spec, choices)
 
 
 def engine_requests(body: dict) -> int:

@@ -49,20 +49,21 @@ class ICVServer:
             self._admission = Admission(state_attr(self._app_state, STATE_VLLM_CONFIG))
         return self._admission
 
-    def admit(self, spec: str, uses: int = 1) -> str:
-        """Resolve and pin a canonical selection; returns the ticket that
+    def admit(self, choices: tuple, uses: int = 1) -> str:
+        """Resolve and pin a parsed selection (``spec.VectorChoice``s); returns the ticket that
         ``vllm_xargs["icv_ticket"]`` carries to the engine's admission, so it
         is not resolved twice; ``uses``: the engine requests the body makes
         (a completion with several prompts). Blocking (reads files): call it
         in a thread.
         A selection that cannot be served is a 400."""
         from ..frontend.admission import TICKETS, AdmissionError
+        from ..spec import format_spec
 
         try:
-            resolved = self._get_admission().resolve(spec)
+            resolved = self._get_admission().resolve(choices)
         except AdmissionError as e:
             raise ICVHTTPError(400, self.store.hide_dir(str(e)), "icv") from None
-        return TICKETS.issue((spec, resolved), uses)
+        return TICKETS.issue((format_spec(choices), resolved), uses)
 
     def problem_with(self, name: str) -> str | None:
         """Why the served model cannot use vector ``name`` (None: it can).

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from icv_vllm.server.errors import ICVHTTPError
+from icv_vllm.spec import format_spec
 from icv_vllm.server.request_icv import translate_body
 
 
@@ -153,7 +154,8 @@ def _echo_app(admitted: list, refuse: str | None = None, admit_delay: float = 0.
 
     app = FastAPI()
 
-    def admit(spec: str, uses: int = 1) -> str:
+    def admit(choices: tuple, uses: int = 1) -> str:
+        spec = format_spec(choices)  # the middleware hands over the parsed selection
         if admit_delay:
             time.sleep(admit_delay)  # blocking, as file IO is: must not stall the event loop
         if refuse and refuse in spec:
