@@ -84,6 +84,7 @@ def main() -> None:
               enable_prefix_caching=not args.no_prefix_caching)
     tokenizer = llm.get_tokenizer()
     scheduler = llm.llm_engine.vllm_config.scheduler_config
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size  # prefix cache granularity
 
     def chat(turns: list[tuple[str, str]], final: str) -> str:
         messages = []
@@ -112,6 +113,8 @@ def main() -> None:
 
     for way in ways:  # warm-up: compiles, loads the vector, caches the demonstrations
         run(way, 0)
+    icl_ids = [tokenizer.encode(chat(demos, INSTRUCTION.format(q))) for q in queries(0, 2)]
+    shared = next(i for i, (a, b) in enumerate(zip(*icl_ids)) if a != b)  # tokens all ICL prompts share
     results: dict[str, list[tuple[float, list[float], float]]] = {w: [] for w in ways}
     for r in range(args.repeats):
         for way in ways if r % 2 == 0 else list(ways)[::-1]:
@@ -130,7 +133,9 @@ def main() -> None:
         rows.append(f"| {names[way]} | {statistics.median(tps):.1f} | {ratio:.2f}x | "
                     f"{percentile(ttft, 50):.0f} | {percentile(ttft, 95):.0f} | {runs[0][2]:.0f} |")
     ratio = statistics.median(a / b for a, b in zip((x for x, _, _ in results["icv"]), icl_tps))
-    caching = "off" if args.no_prefix_caching else "on (vLLM default; the demonstrations are cached after the warm-up)"
+    caching = "off" if args.no_prefix_caching else (
+        f"on (vLLM default): the ICL prompts share their first {shared} tokens, of which the full "
+        f"{block_size}-token blocks are cached after the warm-up")
     text = "\n".join([
         f"Model {Path(args.model).name}, vLLM defaults (compiled, chunked prefill, max_num_seqs "
         f"{scheduler.max_num_seqs}, max_num_batched_tokens {scheduler.max_num_batched_tokens}), prefix caching "

@@ -128,7 +128,8 @@ def _plot(path: Path, ks: list[int], series: dict[str, list[list[float]]], title
         xs = [k for k, ratios in zip(ks, per_k) if ratios]
         per_k = [ratios for ratios in per_k if ratios]
         for k, ratios in zip(xs, per_k):
-            ax.scatter([k] * len(ratios), ratios, s=10, color="0.65", zorder=2)
+            ax.scatter([k] * len(ratios), ratios, s=10, color="0.65", zorder=2,
+                       label="each round" if k == xs[0] and color == "tab:blue" else None)
             everything += ratios
         ax.plot(xs, [statistics.median(r) for r in per_k], "o-", color=color, zorder=3, label=name)
     ax.axhline(GOAL, color="tab:red", linestyle="--", linewidth=1, label=f"goal {GOAL}")
@@ -141,7 +142,7 @@ def _plot(path: Path, ks: list[int], series: dict[str, list[list[float]]], title
     ax.set_ylabel("output tokens/s / plain vLLM")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
