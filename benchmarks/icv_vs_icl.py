@@ -137,8 +137,8 @@ def main() -> None:
         f"on (vLLM default): the ICL prompts share their first {shared} tokens, of which the full "
         f"{block_size}-token blocks are cached after the warm-up")
     text = "\n".join([
-        f"Model {Path(args.model).name}, vLLM defaults (compiled, chunked prefill, max_num_seqs "
-        f"{scheduler.max_num_seqs}, max_num_batched_tokens {scheduler.max_num_batched_tokens}), prefix caching "
+        f"Model {Path(args.model).name}, CPU, vLLM's defaults (compiled, chunked prefill, max_num_seqs "
+        f"{scheduler.max_num_seqs}, max_num_batched_tokens {scheduler.max_num_batched_tokens}); prefix caching "
         f"{caching}. {len(pairs)} pairs from {args.pairs}; {args.concurrency} distinct rude sentences per batch "
         f"sent at once; greedy, ignore_eos, {args.max_tokens} output tokens each; {args.repeats} timed batches "
         f"per way (after one warm-up batch each).", "", *rows, "",
