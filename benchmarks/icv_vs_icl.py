@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from quality import HELD_OUT, INSTRUCTION
+from quality import HELD_OUT, INSTRUCTION, chat_prompt
 
 NAMES = ["Tom", "Anna", "Raj", "Mia", "Leo", "Sara", "Omar", "Ines", "Ken", "Lucy", "Ivan", "Nora",
          "Paul", "Zoe", "Hugo", "Ada", "Max", "Eva", "Ravi", "Lena", "Sam", "Yuki", "Ben", "Ida",
@@ -87,11 +87,7 @@ def main() -> None:
     block_size = llm.llm_engine.vllm_config.cache_config.block_size  # prefix cache granularity
 
     def chat(turns: list[tuple[str, str]], final: str) -> str:
-        messages = []
-        for user, assistant in turns:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        messages.append({"role": "user", "content": final})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_prompt(tokenizer, turns, final)
 
     demos = [(INSTRUCTION.format(p.input), p.target) for p in pairs]
     ways = {"icl": (demos, None), "icv": ([], f"task:{args.scale}"), "none": ([], None)}

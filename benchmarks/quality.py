@@ -40,6 +40,16 @@ RUDE = ["stupid", "idiot", "dumb", "fool", "moron", "garbage", "useless", "shut 
 INSTRUCTION = "Rewrite this sentence: {}"
 
 
+
+def chat_prompt(tokenizer, turns: list[tuple[str, str]], final: str) -> str:
+    """``final`` as the last user turn after ``turns`` (demonstrations as
+    user/assistant pairs: how the ICL way puts the pairs in the prompt)."""
+    messages = []
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    messages.append({"role": "user", "content": final})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
 def politeness(text: str) -> int:
     t = text.lower()
     return sum(t.count(w) for w in POLITE) - sum(t.count(w) for w in RUDE)
@@ -75,11 +85,7 @@ def main() -> None:
     tokenizer = llm.get_tokenizer()
 
     def chat(turns: list[tuple[str, str]], final: str) -> str:
-        messages = []
-        for user, assistant in turns:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        messages.append({"role": "user", "content": final})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_prompt(tokenizer, turns, final)
 
     demos = [(INSTRUCTION.format(p.input), p.target) for p in pairs]
     ways: list[tuple[str, list[str], str | None]] = [
