@@ -72,6 +72,11 @@ def _scale_text(text: str, name: str) -> float:
     return _checked_scale(value, name, repr(text))
 
 
+def parse_scale(text: str, name: str) -> float:
+    """A scale written as text (the string form's grammar and bounds)."""
+    return _scale_text(text, name)
+
+
 def _scale_value(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ICVSpecError(f"scale of {name!r} must be a number, got {type(value).__name__}")

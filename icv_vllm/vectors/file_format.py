@@ -10,6 +10,14 @@ Layout (format ``icv-vllm/1``):
   metadata keys are kept by readers that know them and ignored here, so later
   versions can add provenance without breaking old readers.
 
+Optional metadata (older readers ignore it):
+
+- ``default_mode``: ``icv`` (the paper's transform) or ``add`` (plain
+  addition, as llama.cpp control vectors): what a request that names the
+  vector without a ``mode`` gets; ``icv`` when absent;
+- ``recommended_scale``: the strength ``icv-vllm tune`` recommends, used by a
+  request that names the vector without a scale.
+
 Shape is stored twice (tensor and metadata) on purpose: the server checks the
 metadata copy per request with :func:`read_icv_header`, which reads only the
 JSON header, and loading checks that both copies agree.
@@ -31,6 +39,7 @@ FORMAT = "icv-vllm/1"
 TENSOR_NAME = "icv"
 METHODS = ("pca", "mean", "arithmetic")
 REQUIRED_METADATA = ("format", "model", "hidden_size", "num_layers", "method", "num_pairs")
+MODES = ("icv", "add")  # docs/method.md §2 (icv) and §7 (add)
 _POSITIVE_INT = re.compile(r"[1-9][0-9]*")
 
 
@@ -48,6 +57,8 @@ class ICVHeader:
     hidden_size: int
     method: str
     num_pairs: int
+    default_mode: str = "icv"
+    recommended_scale: float | None = None
 
 
 def _fail(path: str | os.PathLike, problem: str) -> ICVFileError:
@@ -74,6 +85,9 @@ def check_metadata(path, metadata: dict[str, str] | None) -> ICVHeader:
         raise _fail(path, f"method {metadata['method']!r} is not one of {', '.join(METHODS)}")
     if not metadata["model"].strip():
         raise _fail(path, "metadata 'model' is empty")
+    default_mode = metadata.get("default_mode", "icv")
+    if default_mode not in MODES:
+        raise _fail(path, f"default_mode {default_mode!r} is not one of {', '.join(MODES)}")
     return ICVHeader(
         path=os.fspath(path),
         model=metadata["model"],
@@ -81,7 +95,23 @@ def check_metadata(path, metadata: dict[str, str] | None) -> ICVHeader:
         hidden_size=_positive_int(path, metadata, "hidden_size"),
         method=metadata["method"],
         num_pairs=_positive_int(path, metadata, "num_pairs"),
+        default_mode=default_mode,
+        recommended_scale=_recommended_scale(path, metadata.get("recommended_scale")),
     )
+
+
+def _recommended_scale(path, text: str | None) -> float | None:
+    if text is None:
+        return None
+    from ..spec import ICVSpecError, parse_scale
+
+    try:
+        value = parse_scale(text, "recommended_scale")
+    except ICVSpecError as e:
+        raise _fail(path, f"metadata {e}") from None
+    if value == 0.0:
+        raise _fail(path, "metadata recommended_scale must not be 0")
+    return value
 
 
 def _open(path):
@@ -135,9 +165,11 @@ def load_icv(path: str | os.PathLike) -> tuple[torch.Tensor, ICVHeader]:
     return tensor, header
 
 
-def write_icv(path: str | os.PathLike, tensor: torch.Tensor, *, model: str, method: str, num_pairs: int) -> None:
+def write_icv(path: str | os.PathLike, tensor: torch.Tensor, *, model: str, method: str, num_pairs: int,
+              default_mode: str = "icv", recommended_scale: float | None = None) -> None:
     """Write a vector file atomically (temporary file + rename), so a server
-    reading the directory never sees half a file."""
+    reading the directory never sees half a file. The optional keys are
+    written only when they differ from their defaults."""
     if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2:
         raise ValueError(f"an ICV is a 2-D tensor [num_layers, hidden_size], got {getattr(tensor, 'shape', tensor)!r}")
     tensor = tensor.detach().to("cpu", torch.float32).contiguous()
@@ -149,6 +181,10 @@ def write_icv(path: str | os.PathLike, tensor: torch.Tensor, *, model: str, meth
         "method": str(method),
         "num_pairs": str(num_pairs),
     }
+    if default_mode != "icv":
+        metadata["default_mode"] = str(default_mode)
+    if recommended_scale is not None:
+        metadata["recommended_scale"] = repr(float(recommended_scale))
     check_metadata(path, metadata)  # refuse to write what we would refuse to read
     if not torch.isfinite(tensor).all():
         raise _fail(path, "refusing to write non-finite values (NaN or inf)")

@@ -168,3 +168,22 @@ def test_header_check_is_cheap(tmp_path):
         read_icv_header(path)
     per_call = (time.perf_counter() - start) / 200
     assert per_call < 0.005, f"read_icv_header took {per_call * 1e3:.2f} ms"
+
+
+def test_optional_metadata_default_mode_and_recommended_scale(tmp_path):
+    path = tmp_path / "v.safetensors"
+    write_icv(path, _tensor(), model="m", method="mean", num_pairs=2)
+    header = read_icv_header(path)
+    assert (header.default_mode, header.recommended_scale) == ("icv", None)
+    write_icv(path, _tensor(), model="m", method="mean", num_pairs=2, default_mode="add", recommended_scale=0.025)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["default_mode"] == "add" and f.metadata()["recommended_scale"] == "0.025"
+    header = read_icv_header(path)
+    assert (header.default_mode, header.recommended_scale) == ("add", 0.025)
+    for key, value, message in [("default_mode", "mul", "default_mode 'mul' is not one of icv, add"),
+                                ("recommended_scale", "abc", "recommended_scale.*not a number"),
+                                ("recommended_scale", "1e9", "recommended_scale.*between"),
+                                ("recommended_scale", "0", "must not be 0")]:
+        _write(path, metadata={**GOOD_META, key: value})
+        with pytest.raises(ICVFileError, match=message):
+            read_icv_header(path)
