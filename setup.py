@@ -41,6 +41,7 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "numpy",
+        "gguf>=0.10",  # llama.cpp / repeng control vectors (icv-vllm convert, .gguf in the vector directory)
     ],
     extras_require={
         # vLLM's CPU build is published as another distribution with the same API.

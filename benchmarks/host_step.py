@@ -2,7 +2,8 @@
 and 256 running requests: ``SteeringRuntime.prepare_step`` (shipped vectors,
 per-request rows -> step tables, copies into the persistent buffers), on a
 decode step (one token per request), every request steered, K distinct
-vectors. No engine: the runtime is built as ``setup`` builds it, and the
+vectors; and the same with every vector on generated tokens only
+(``positions=generated``: each token's position is checked). No engine: the runtime is built as ``setup`` builds it, and the
 per-request rows are added as vLLM's InputBatch would add them.
 
     python benchmarks/host_step.py [--distinct 8] [--repeats 2000] [--out benchmarks/results/host_step.md]
@@ -28,18 +29,20 @@ from icv_vllm.worker.vector_bank import VectorBank
 LAYERS, HIDDEN, MAX_REQS = 30, 576, 256
 
 
-def measure(num_reqs: int, distinct: int, repeats: int) -> float:
+def measure(num_reqs: int, distinct: int, repeats: int, positions: str = "all") -> float:
     runtime = SteeringRuntime()
     bank = VectorBank(64, LAYERS, HIDDEN, torch.device("cpu"), growable=True)
     digests = [f"{i:064x}" for i in range(distinct)]
     bank.add_contents({d: torch.randn(LAYERS, HIDDEN) for d in digests})
-    runtime.build(bank, StepMetadata(8192, MAX_REQS, torch.device("cpu")), torch.bfloat16,
+    runtime.build(bank, StepMetadata(8192, MAX_REQS, LAYERS, torch.device("cpu")), torch.bfloat16,
                   CaptureRecorder(LAYERS, lambda ids: None, torch.device("cpu")))
-    tables = RequestTables(MAX_REQS)
+    tables = RequestTables(MAX_REQS, LAYERS)
     for row in range(num_reqs):
-        resolved = format_resolved((ResolvedChoice("v", digests[row % distinct], 0.02),))
+        resolved = format_resolved((ResolvedChoice("v", digests[row % distinct], 0.02, positions=positions),))
         tables.add(row, f"r{row}", SimpleNamespace(extra_args={"icv_resolved": resolved}))
-    batch = SimpleNamespace(_icv_tables=tables, req_ids=[f"r{i}" for i in range(num_reqs)])
+    batch = SimpleNamespace(_icv_tables=tables, req_ids=[f"r{i}" for i in range(num_reqs)],
+                            num_prompt_tokens=np.full(MAX_REQS, 100, np.int32),  # decode: past the prompt
+                            num_computed_tokens_cpu=np.full(MAX_REQS, 120, np.int32))
     runner = SimpleNamespace(input_batch=batch, requests={})
     output = SimpleNamespace()
     tokens = np.ones(num_reqs, dtype=np.int32)
@@ -61,9 +64,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/host_step.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    lines = ["| running requests | distinct vectors | µs per step (median) |", "|---:|---:|---:|"]
+    lines = ["| running requests | distinct vectors | µs per step (median) | with positions=generated |",
+             "|---:|---:|---:|---:|"]
     for n in (16, 64, 256):
-        lines.append(f"| {n} | {min(args.distinct, n)} | {measure(n, min(args.distinct, n), args.repeats):.1f} |")
+        k = min(args.distinct, n)
+        lines.append(f"| {n} | {k} | {measure(n, k, args.repeats):.1f} | "
+                     f"{measure(n, k, args.repeats, 'generated'):.1f} |")
     report = "\n".join(lines)
     print(report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

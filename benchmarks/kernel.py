@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from icv_vllm.kernels import EPS, cpu_kernel, icv_shift_cpu, icv_shift_torch, icv_shift_triton
+from icv_vllm.kernels import (ENTRY_COLUMNS, EPS, cpu_kernel, icv_shift_cpu, icv_shift_torch, icv_shift_triton,
+                              layer_bit_words)
 
 
 def make_batch(T, D, n_vectors, dtype, device, layers=2, layer=1, max_requests=64):
@@ -36,19 +37,21 @@ def make_batch(T, D, n_vectors, dtype, device, layers=2, layer=1, max_requests=6
     hidden = (torch.randn(T, D, generator=g) * 2).to(dtype)
     bank = torch.randn(max(n_vectors, 1), layers, D, generator=g)
     rows = (torch.arange(T) * R // T).int()
-    slots = torch.full((R, 4), -1, dtype=torch.int32)
+    slots = torch.full((R, ENTRY_COLUMNS), -1, dtype=torch.int32)
     slots[:, 0] = torch.arange(R, dtype=torch.int32) % n_vectors
-    scales = torch.zeros(R, 4)
+    scales = torch.zeros(R, ENTRY_COLUMNS)
     scales[:, 0] = 0.1
+    layer_bits = torch.full((R, ENTRY_COLUMNS, layer_bit_words(layers)), -1, dtype=torch.int32)  # all layers
     move = lambda t: t.to(device)
-    return move(hidden), move(rows), move(slots), move(scales), move(bank), layer
+    return move(hidden), move(rows), move(slots), move(scales), move(layer_bits), move(bank), layer
 
 
-def per_request_loop(hidden, token_rows, entry_slots, entry_scales, bank, layer):
-    """The obvious implementation: one Python iteration per request."""
+def per_request_loop(hidden, token_rows, entry_slots, entry_scales, entry_layer_bits, bank, layer):
+    """The obvious implementation: one Python iteration per request (ICV
+    entries on every layer, which is all ``make_batch`` makes)."""
     rows = token_rows[: hidden.shape[0]]
     for r in torch.unique(rows[rows >= 0]).tolist():
-        entries = [(s, lam) for s, lam in zip(entry_slots[r].tolist(), entry_scales[r].tolist()) if s >= 0]
+        entries = [(s, lam) for s, lam in zip(entry_slots[r, :4].tolist(), entry_scales[r, :4].tolist()) if s >= 0]
         if not entries:
             continue
         tokens = (rows == r).nonzero().squeeze(1)
@@ -84,14 +87,14 @@ def bench_cuda(lines):
     for D in (576, 4096, 8192):
         for T in (1, 64, 512, 8192):
             for n_vectors in (1, 64):
-                hidden, rows, slots, scales, bank, layer = make_batch(T, D, n_vectors, torch.bfloat16, "cuda")
+                hidden, rows, slots, scales, layer_bits, bank, layer = make_batch(T, D, n_vectors, torch.bfloat16, "cuda")
                 distinct = int(slots[:, 0].unique().numel())
                 if n_vectors > 1 and distinct == 1:
                     continue  # T = 1: the same run as one vector
                 src = hidden.clone()
                 copy_bytes = 2 * hidden.numel() * hidden.element_size()
                 nbytes = copy_bytes + distinct * D * 4
-                args = (rows, slots, scales, bank, layer)
+                args = (rows, slots, scales, layer_bits, bank, layer)
                 t_tri = bench(lambda: icv_shift_triton(hidden, *args))
                 t_torch = bench(lambda: icv_shift_torch(hidden, *args))
                 t_copy = bench(lambda: hidden.copy_(src))
@@ -118,8 +121,8 @@ def bench_cpu(lines):
     for dtype in (torch.float32, torch.bfloat16):
         for D in (576, 4096):
             for T, n_vectors in ((1, 1), (48, 8), (64, 64), (512, 64), (2048, 1), (2048, 64)):
-                hidden, rows, slots, scales, bank, layer = make_batch(T, D, n_vectors, dtype, "cpu")
-                args = (rows, slots, scales, bank, layer)
+                hidden, rows, slots, scales, layer_bits, bank, layer = make_batch(T, D, n_vectors, dtype, "cpu")
+                args = (rows, slots, scales, layer_bits, bank, layer)
                 a, b, c = hidden.clone(), hidden.clone(), hidden.clone()
                 icv_shift_torch(a, *args)
                 per_request_loop(b, *args)
@@ -136,12 +139,12 @@ def bench_cpu(lines):
                     cells = [f"{t_c * 1e3:.3f}", f"**{t_torch / t_c:.1f}x**", f"{t_loop / t_c:.1f}x"]
                 lines.append(f"| {str(dtype)[6:]} | {T} | {D} | {n_vectors} | {slots.shape[0]} | {cells[0]} | "
                              f"{t_torch * 1e3:.3f} | {t_loop * 1e3:.3f} | {cells[1]} | {cells[2]} |")
-    hidden, rows, slots, scales, bank, layer = make_batch(2048, 4096, 1, torch.bfloat16, "cpu")
+    hidden, rows, slots, scales, layer_bits, bank, layer = make_batch(2048, 4096, 1, torch.bfloat16, "cpu")
     rows.fill_(-1)
-    t_idle = cpu_time(lambda: icv_shift_torch(hidden, rows, slots, scales, bank, layer))
+    t_idle = cpu_time(lambda: icv_shift_torch(hidden, rows, slots, scales, layer_bits, bank, layer))
     idle = f"torch version returns in {t_idle * 1e6:.0f} us"
     if cpu_kernel.AVAILABLE:
-        t_idle_c = cpu_time(lambda: icv_shift_cpu(hidden, rows, slots, scales, bank, layer))
+        t_idle_c = cpu_time(lambda: icv_shift_cpu(hidden, rows, slots, scales, layer_bits, bank, layer))
         idle = f"C kernel returns in {t_idle_c * 1e6:.0f} us, " + idle
     lines += ["", f"No token steered (T = 2048, D = 4096): {idle}.", ""]
 

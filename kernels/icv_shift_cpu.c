@@ -1,4 +1,4 @@
-/* ICV shift (docs/method.md §2) on the CPU: one C call per decoder layer.
+/* Steering shift (docs/method.md §2 and §7) on the CPU: one C call per decoder layer.
  *
  * The torch path costs ~15 small ops per layer; at decode sizes (tens of
  * tokens) their dispatch, not the arithmetic, is the cost. This is the Triton
@@ -6,7 +6,9 @@
  * reads x (into fp32 scratch) and its vectors for ||x||, x.v_k, ||v_k||; the
  * next forms y = x/||x|| + sum_k c_k v_k and ||y||; the last writes
  * ||x|| y/||y|| back in the hidden dtype (in place). fp32 throughout, every
- * norm clamped to >= EPS.
+ * norm clamped to >= EPS. Columns [0, ICV_COLUMNS) of a row are ICV entries;
+ * the rest are add entries (x' += lam v, after the ICV transform); an entry
+ * applies at a layer when its bit in the layer-bit table is set.
  *
  * Built at install time as an optional extension (setup.py); without a C
  * compiler the package falls back to the torch path. Pointers come from
@@ -23,7 +25,9 @@
 #include <string.h>
 
 #define EPS 1e-12f
-#define ENTRIES 4
+#define ICV_COLUMNS 4
+#define ADD_COLUMNS 4
+#define ENTRIES (ICV_COLUMNS + ADD_COLUMNS)
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2 };
 
@@ -120,14 +124,15 @@ ALWAYS_INLINE float hsum(vf8 a, vf8 b) {
     return t;
 }
 
-/* One token, K entries (a constant after inlining, so loops over k unroll):
- * x (fp32 scratch) -> x' written to `row`. Four sweeps of the row, all but
- * the first two in L1: load, sums, y and ||y||, store. */
-ALWAYS_INLINE void shift_token_k(void *row, int dtype, Py_ssize_t D, float *restrict x,
-                                 const float *const *v, const float *lam, const int K) {
-    load_row(row, dtype, D, x);
-    vf8 xx0 = {0}, xx1 = {0}, xv0[ENTRIES] = {{0}}, xv1[ENTRIES] = {{0}}, vv0[ENTRIES] = {{0}},
-        vv1[ENTRIES] = {{0}};
+/* One token, K ICV entries (a constant after inlining, so loops over k
+ * unroll): x (fp32, already in scratch) -> y in scratch; returns the factor
+ * ||x||/||y|| that the store applies. Three sweeps of the row, all but the
+ * first in L1: sums, y and ||y||, (by the caller) store. */
+ALWAYS_INLINE float shift_token_k(float *restrict x, Py_ssize_t D, const float *const *v, const float *lam,
+                                  const int K) {
+    float xv[ICV_COLUMNS], vv[ICV_COLUMNS];
+    vf8 xx0 = {0}, xx1 = {0}, xv0[ICV_COLUMNS] = {{0}}, xv1[ICV_COLUMNS] = {{0}}, vv0[ICV_COLUMNS] = {{0}},
+        vv1[ICV_COLUMNS] = {{0}};
     Py_ssize_t d = 0;
     for (; d + 2 * LANES <= D; d += 2 * LANES) { /* ||x||^2, x.v_k, ||v_k||^2 in one sweep */
         vf8 a = vload(x + d), b = vload(x + d + LANES);
@@ -141,7 +146,7 @@ ALWAYS_INLINE void shift_token_k(void *row, int dtype, Py_ssize_t D, float *rest
             vv1[k] += q * q;
         }
     }
-    float xx = hsum(xx0, xx1), xv[ENTRIES], vv[ENTRIES];
+    float xx = hsum(xx0, xx1);
     for (int k = 0; k < K; k++) {
         xv[k] = hsum(xv0[k], xv1[k]);
         vv[k] = hsum(vv0[k], vv1[k]);
@@ -155,7 +160,7 @@ ALWAYS_INLINE void shift_token_k(void *row, int dtype, Py_ssize_t D, float *rest
     }
     float nx = sqrtf(xx);
     float inv_x = 1.0f / fmaxf(nx, EPS);
-    float c[ENTRIES];
+    float c[ICV_COLUMNS];
     for (int k = 0; k < K; k++) {
         float inv_v = 1.0f / fmaxf(sqrtf(vv[k]), EPS);
         float cos_neg = -xv[k] * inv_x * inv_v; /* cos(x, -v_k) */
@@ -182,44 +187,74 @@ ALWAYS_INLINE void shift_token_k(void *row, int dtype, Py_ssize_t D, float *rest
         x[d] = y;
         yy += y * y;
     }
-    store_row(row, dtype, D, x, nx / fmaxf(sqrtf(yy), EPS));
+    return nx / fmaxf(sqrtf(yy), EPS);
 }
 
-MULTIVERSION
-static void shift_token(void *row, int dtype, Py_ssize_t D, float *x, const float *const *v,
-                        const float *lam, int K) {
-    switch (K) {
-    case 1: shift_token_k(row, dtype, D, x, v, lam, 1); break;
-    case 2: shift_token_k(row, dtype, D, x, v, lam, 2); break;
-    case 3: shift_token_k(row, dtype, D, x, v, lam, 3); break;
-    default: shift_token_k(row, dtype, D, x, v, lam, 4); break;
+/* x = x * scale + sum_j lam_j a_j (add entries, raw vectors) */
+ALWAYS_INLINE void add_vectors(float *restrict x, Py_ssize_t D, float scale, const float *const *a,
+                               const float *lam, int A) {
+    Py_ssize_t d = 0;
+    for (; d + LANES <= D; d += LANES) {
+        vf8 y = vload(x + d) * scale;
+        for (int j = 0; j < A; j++) y += lam[j] * vload(a[j] + d);
+        vstore(x + d, y);
+    }
+    for (; d < D; d++) {
+        float y = x[d] * scale;
+        for (int j = 0; j < A; j++) y += lam[j] * a[j][d];
+        x[d] = y;
     }
 }
 
+/* K ICV entries (0..4), then A add entries (0..4; K + A > 0) */
+MULTIVERSION
+static void shift_token(void *row, int dtype, Py_ssize_t D, float *x, const float *const *v,
+                        const float *lam, int K, const float *const *a, const float *alam, int A) {
+    load_row(row, dtype, D, x);
+    float scale = 1.0f;
+    switch (K) {
+    case 0: break;
+    case 1: scale = shift_token_k(x, D, v, lam, 1); break;
+    case 2: scale = shift_token_k(x, D, v, lam, 2); break;
+    case 3: scale = shift_token_k(x, D, v, lam, 3); break;
+    default: scale = shift_token_k(x, D, v, lam, 4); break;
+    }
+    if (A > 0) {
+        add_vectors(x, D, scale, a, alam, A);
+        scale = 1.0f;
+    }
+    store_row(row, dtype, D, x, scale);
+}
+
 /* shift(hidden, num_tokens, dim, row_stride, dtype, token_rows, entry_slots,
- *       slots_stride, entry_scales, scales_stride, num_rows, bank, num_slots,
- *       num_layers, layer) -- pointers as integers, strides in elements.
- * Returns the number of tokens shifted. */
+ *       slots_stride, entry_scales, scales_stride, entry_layer_bits,
+ *       bits_row_stride, bits_entry_stride, bit_words, num_rows, bank,
+ *       num_slots, num_layers, layer) -- pointers as integers, strides in
+ * elements. Returns the number of tokens shifted. */
 static PyObject *shift(PyObject *self, PyObject *args) {
-    unsigned long long hidden_p, rows_p, slots_p, scales_p, bank_p;
-    Py_ssize_t T, D, row_stride, slots_stride, scales_stride, num_rows, num_slots, num_layers, layer;
+    unsigned long long hidden_p, rows_p, slots_p, scales_p, bits_p, bank_p;
+    Py_ssize_t T, D, row_stride, slots_stride, scales_stride, bits_row_stride, bits_entry_stride, bit_words,
+        num_rows, num_slots, num_layers, layer;
     int dtype;
-    if (!PyArg_ParseTuple(args, "KnnniKKnKnnKnnn", &hidden_p, &T, &D, &row_stride, &dtype, &rows_p,
-                          &slots_p, &slots_stride, &scales_p, &scales_stride, &num_rows, &bank_p,
-                          &num_slots, &num_layers, &layer))
+    if (!PyArg_ParseTuple(args, "KnnniKKnKnKnnnnKnnn", &hidden_p, &T, &D, &row_stride, &dtype, &rows_p,
+                          &slots_p, &slots_stride, &scales_p, &scales_stride, &bits_p, &bits_row_stride,
+                          &bits_entry_stride, &bit_words, &num_rows, &bank_p, &num_slots, &num_layers, &layer))
         return NULL;
     if (dtype != DTYPE_FLOAT32 && dtype != DTYPE_BFLOAT16 && !(dtype == DTYPE_FLOAT16 && HAVE_FLOAT16)) {
         PyErr_Format(PyExc_ValueError, "icv_shift_cpu: unsupported dtype code %d", dtype);
         return NULL;
     }
-    if (D <= 0 || layer < 0 || layer >= num_layers) {
-        PyErr_Format(PyExc_ValueError, "icv_shift_cpu: bad shape (dim %zd, layer %zd of %zd)", D, layer,
-                     num_layers);
+    if (D <= 0 || layer < 0 || layer >= num_layers || layer / 32 >= bit_words) {
+        PyErr_Format(PyExc_ValueError, "icv_shift_cpu: bad shape (dim %zd, layer %zd of %zd, %zd layer-bit words)",
+                     D, layer, num_layers, bit_words);
         return NULL;
     }
     const int32_t *rows = (const int32_t *)(uintptr_t)rows_p;
     const int32_t *slots = (const int32_t *)(uintptr_t)slots_p;
     const float *scales = (const float *)(uintptr_t)scales_p;
+    const int32_t *bits = (const int32_t *)(uintptr_t)bits_p;
+    const Py_ssize_t word = layer / 32;
+    const int bit = (int)(layer % 32);
     const float *bank = (const float *)(uintptr_t)bank_p;
     size_t elem = dtype == DTYPE_FLOAT32 ? 4 : 2;
     char *hidden = (char *)(uintptr_t)hidden_p;
@@ -256,16 +291,17 @@ static PyObject *shift(PyObject *self, PyObject *args) {
         if (r < 0) continue;
         const float *v[ENTRIES];
         float lam[ENTRIES];
-        int K = 0;
+        int K = 0, A = 0;
         for (int e = 0; e < ENTRIES; e++) {
             int32_t s = slots[r * slots_stride + e];
-            if (s < 0) continue;
-            v[K] = bank + ((size_t)s * num_layers + layer) * D;
-            lam[K] = scales[r * scales_stride + e];
-            K++;
+            if (s < 0 || !((uint32_t)bits[r * bits_row_stride + e * bits_entry_stride + word] >> bit & 1u)) continue;
+            int n = e < ICV_COLUMNS ? K++ : ICV_COLUMNS + A++;
+            v[n] = bank + ((size_t)s * num_layers + layer) * D;
+            lam[n] = scales[r * scales_stride + e];
         }
-        if (K == 0) continue;
-        shift_token(hidden + (size_t)t * row_stride * elem, dtype, D, scratch, v, lam, K);
+        if (K + A == 0) continue;
+        shift_token(hidden + (size_t)t * row_stride * elem, dtype, D, scratch, v, lam, K, v + ICV_COLUMNS,
+                    lam + ICV_COLUMNS, A);
         shifted++;
     }
     Py_END_ALLOW_THREADS

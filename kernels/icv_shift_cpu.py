@@ -1,4 +1,4 @@
-"""ICV shift (docs/method.md §2) on the CPU as one C call per decoder layer.
+"""Steering shift (docs/method.md §2 and §7) on the CPU as one C call per decoder layer.
 
 The C loop (``icv_shift_cpu.c``, built at install time) is the Triton
 kernel's algorithm for one core: it reads the per-step tables itself, so a
@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from .icv_shift_torch import ENTRY_COLUMNS
 
 DISABLE_ENV = "ICV_VLLM_CPU_KERNEL"
 
@@ -37,9 +39,10 @@ def supports(hidden: torch.Tensor) -> bool:
 
 
 def icv_shift_cpu(hidden: torch.Tensor, token_rows: torch.Tensor, entry_slots: torch.Tensor,
-                  entry_scales: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
-    """Shift ``hidden`` [T, D] in place; semantics in docs/method.md §2."""
-    if not BoundTables(token_rows, entry_slots, entry_scales)(hidden, bank, layer):
+                  entry_scales: torch.Tensor, entry_layer_bits: torch.Tensor, bank: torch.Tensor,
+                  layer: int) -> None:
+    """Shift ``hidden`` [T, D] in place; semantics in docs/method.md §2 and §7."""
+    if not BoundTables(token_rows, entry_slots, entry_scales, entry_layer_bits)(hidden, bank, layer):
         raise ValueError(f"icv_shift_cpu cannot take a {hidden.dtype} {tuple(hidden.shape)} tensor on "
                          f"{hidden.device} with strides {hidden.stride()} (built: {AVAILABLE})")
 
@@ -50,12 +53,15 @@ class BoundTables:
     looks at hidden and the bank (which may be regrown between steps).
     Indices read from the tables are still range-checked in C on every call."""
 
-    def __init__(self, token_rows: torch.Tensor, entry_slots: torch.Tensor, entry_scales: torch.Tensor):
-        _check_tables(token_rows, entry_slots, entry_scales)
-        self._keep_alive = (token_rows, entry_slots, entry_scales)  # their pointers are kept below
+    def __init__(self, token_rows: torch.Tensor, entry_slots: torch.Tensor, entry_scales: torch.Tensor,
+                 entry_layer_bits: torch.Tensor):
+        _check_tables(token_rows, entry_slots, entry_scales, entry_layer_bits)
+        self._keep_alive = (token_rows, entry_slots, entry_scales, entry_layer_bits)  # pointers kept below
         self.max_tokens = token_rows.shape[0]
         self._tables = (token_rows.data_ptr(), entry_slots.data_ptr(), entry_slots.stride(0),
-                        entry_scales.data_ptr(), entry_scales.stride(0), entry_slots.shape[0])
+                        entry_scales.data_ptr(), entry_scales.stride(0), entry_layer_bits.data_ptr(),
+                        entry_layer_bits.stride(0), entry_layer_bits.stride(1), entry_layer_bits.shape[2],
+                        entry_slots.shape[0])
 
     def __call__(self, hidden: torch.Tensor, bank: torch.Tensor, layer: int) -> bool:
         """Shift ``hidden`` in place; False (nothing done) when ``supports(hidden)``
@@ -70,20 +76,22 @@ class BoundTables:
             raise ValueError(f"icv_shift_cpu: bank must be a contiguous float32 [S, L, {D}] CPU tensor, "
                              f"got {bank.dtype} {tuple(bank.shape)}")
         if T:
-            rows, slots, slots_stride, scales, scales_stride, num_rows = self._tables
-            _ext.shift(hidden.data_ptr(), T, D, hidden.stride(0), _DTYPE_CODES[hidden.dtype], rows,
-                       slots, slots_stride, scales, scales_stride, num_rows,
+            _ext.shift(hidden.data_ptr(), T, D, hidden.stride(0), _DTYPE_CODES[hidden.dtype], *self._tables,
                        bank.data_ptr(), bank.shape[0], bank.shape[1], layer)
         return True
 
 
-def _check_tables(token_rows: torch.Tensor, entry_slots: torch.Tensor, entry_scales: torch.Tensor) -> None:
-    if token_rows.dtype != torch.int32 or entry_slots.dtype != torch.int32 or entry_scales.dtype != torch.float32:
-        raise TypeError("icv_shift_cpu: token_rows/entry_slots must be int32, entry_scales float32")
+def _check_tables(token_rows: torch.Tensor, entry_slots: torch.Tensor, entry_scales: torch.Tensor,
+                  entry_layer_bits: torch.Tensor) -> None:
+    if (token_rows.dtype != torch.int32 or entry_slots.dtype != torch.int32 or entry_scales.dtype != torch.float32
+            or entry_layer_bits.dtype != torch.int32):
+        raise TypeError("icv_shift_cpu: token_rows/entry_slots/entry_layer_bits must be int32, entry_scales float32")
     if (token_rows.dim() != 1 or entry_slots.dim() != 2 or entry_slots.shape != entry_scales.shape
-            or entry_slots.shape[1] != 4):
+            or entry_slots.shape[1] != ENTRY_COLUMNS or entry_layer_bits.dim() != 3
+            or entry_layer_bits.shape[:2] != entry_slots.shape):
         raise ValueError(f"icv_shift_cpu: tables do not fit: token_rows {tuple(token_rows.shape)}, "
-                         f"slots {tuple(entry_slots.shape)}, scales {tuple(entry_scales.shape)}")
-    for t in (token_rows, entry_slots, entry_scales):
+                         f"slots {tuple(entry_slots.shape)}, scales {tuple(entry_scales.shape)}, "
+                         f"layer bits {tuple(entry_layer_bits.shape)}")
+    for t in (token_rows, entry_slots, entry_scales, entry_layer_bits):
         if t.device.type != "cpu" or t.stride(-1) != 1:
             raise ValueError("icv_shift_cpu: tables must be CPU tensors with unit last stride")

@@ -70,7 +70,16 @@ def test_names_accepted(name):
     ("polite:1000.0001", RANGE),
     ("polite:-1001", RANGE),
     # structure
-    ("polite", "must be 'name:scale'"),
+    ("polite;layers=", "layers of 'polite' must be indices or spans"),
+    ("polite:1;layers=3-1", "layer span '3-1' runs backwards"),
+    ("polite:1;layers=-1", "must be indices or spans"),
+    ("polite:1;layers=100000", "must be indices or spans"),
+    ("polite:1;layers=5000", "must be at most 4095"),
+    ("polite:1;positions=decode", "positions of 'polite' must be one of all, prompt, generated"),
+    ("polite:1;mode=mul", "mode of 'polite' must be one of icv, add"),
+    ("polite:1;mode=add;mode=icv", "option 'mode' of 'polite' is given twice"),
+    ("polite:1;scale=2", "option 'scale=2' of 'polite' must be one of layers=..., positions=..., mode=..."),
+    ("polite:1;", "option '' of 'polite' must be one of"),
     ("a:1,,b:1", "empty entry"),
     ("a:1,", "empty entry"),
     ("", "empty entry"),
@@ -113,7 +122,14 @@ def test_list_scales_accepted(scale, value):
     ([{"name": "a", "scale": -(10 ** 4000)}], "got an integer of over 100 digits"),
     ([{"name": "polite\n", "scale": 1}], "invalid vector name 'polite\\n'"),
     ([{"name": 3, "scale": 1}], "invalid vector name 3"),
-    ([{"name": "a"}], "must be an object"),
+    ([{"name": "a", "layers": []}], "must be a non-empty list of layer indices"),
+    ([{"name": "a", "layers": [1, -2]}], "must be a non-empty list of layer indices"),
+    ([{"name": "a", "layers": [True]}], "must be a non-empty list of layer indices"),
+    ([{"name": "a", "layers": 3}], "must be a non-empty list of layer indices"),
+    ([{"name": "a", "layers": [9999]}], "must be at most 4095"),
+    ([{"name": "a", "positions": None}], "positions of 'a' must be one of"),
+    ([{"name": "a", "mode": "ADD"}], "mode of 'a' must be one of icv, add, got 'ADD'"),
+    ([{"scale": 1}], "must be an object"),
     ([{"name": "a", "scale": 1, "extra": 2}], "must be an object"),
     (["a:1"], "must be an object"),
     ([], "selects no vector"),
@@ -132,3 +148,21 @@ def test_long_names_are_shortened_in_messages():
     with pytest.raises(ICVSpecError) as info:
         validate_name("x" * 10_000)
     assert len(str(info.value)) < 300
+
+
+def test_options_in_both_forms():
+    text = parse_spec("polite:0.02;layers=4-6+9;positions=generated, formal;mode=add")
+    listed = parse_spec([{"name": "polite", "scale": 0.02, "layers": [9, 4, 5, 6, 6], "positions": "generated"},
+                         {"name": "formal", "mode": "add"}])
+    assert text == listed == (VectorChoice("polite", 0.02, (4, 5, 6, 9), "generated", None),
+                              VectorChoice("formal", None, None, "all", "add"))
+    assert parse_spec([{"name": "a", "layers": "0-2+7"}])[0].layers == (0, 1, 2, 7)
+    assert format_spec(text) == "polite:0.02;layers=4-6+9;positions=generated,formal;mode=add"
+    assert parse_spec(format_spec(text)) == text
+    assert parse_spec(" a : 1 ; layers = 3 ; positions = prompt ")[0] == VectorChoice("a", 1.0, (3,), "prompt")
+
+
+def test_a_bare_name_leaves_the_scale_to_the_file():
+    assert parse_spec("polite") == (VectorChoice("polite", None),)
+    assert parse_spec([{"name": "polite"}]) == (VectorChoice("polite", None),)
+    assert format_spec(parse_spec("polite,formal:0.1")) == "polite,formal:0.1"

@@ -14,7 +14,7 @@ import sys
 
 def _build_parser() -> argparse.ArgumentParser:
     from .. import demo_model
-    from . import extract
+    from . import convert, extract
 
     parser = argparse.ArgumentParser(
         prog="icv-vllm",
@@ -26,6 +26,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="start the OpenAI-compatible server with ICV steering (vLLM flags pass through)",
     )
     extract.add_parser(commands)
+    convert.add_parser(commands)
     demo_model.add_parser(commands)
     return parser
 

@@ -28,8 +28,8 @@ from ..model_families import family_of, supported_architectures
 from ..protocol import (ADMISSION_TICKET_KEY, CAPTURE_EXTRA_ARGS_KEY, EXTRA_ARGS_KEY,
                         RESOLVED_EXTRA_ARGS_KEY, ResolvedChoice, format_resolved)
 from ..spec import ICVSpecError, VectorChoice, parse_spec
-from ..vectors.file_format import ICVFileError
-from .vector_files import known_names, max_file_bytes, read_vector_bytes, vector_path
+from ..vectors.file_format import ICVFileError, ICVHeader
+from .vector_files import known_names, max_file_bytes, read_vector
 
 MAX_PENDING_TICKETS = 65536
 
@@ -93,7 +93,7 @@ class Admission:
         device_type = str(getattr(vllm_config.device_config, "device_type", "") or "")
         self._slot_budget = (self._config.max_slots
                              if self._config is not None and self._config.bank_is_fixed(device_type) else None)
-        self._pinned: set[str] = set()  # digests validated and pinned by this process
+        self._pinned: dict[str, ICVHeader] = {}  # digests validated and pinned by this process
         self._lock = threading.Lock()
 
     # -- the selection -------------------------------------------------------------
@@ -113,7 +113,7 @@ class Admission:
             raise AdmissionError(
                 f"in-context vectors are not supported for {', '.join(self._architectures) or 'this model'}; "
                 f"supported: {', '.join(supported_architectures())}")
-        resolved = tuple(self._resolve_choice(config, c.name, c.scale) for c in choices)
+        resolved = tuple(self._resolve_choice(config, c) for c in choices)
         distinct = len({c.digest for c in resolved})
         if self._slot_budget is not None and distinct > self._slot_budget:
             raise AdmissionError(
@@ -129,11 +129,31 @@ class Admission:
                                  f"To turn it on, {HOW_TO_CONFIGURE}")
         return self._config
 
-    def _resolve_choice(self, config: PluginConfig, name: str, scale: float) -> ResolvedChoice:
+    def _resolve_choice(self, config: PluginConfig, choice: VectorChoice) -> ResolvedChoice:
+        """Pin the file; fill in what the selection left to it (scale, mode);
+        check the layers against the model (docs/method.md §7)."""
+        name = choice.name
+        num_layers = self._shape[0]
+        if choice.layers is not None and choice.layers[-1] >= num_layers:
+            raise AdmissionError(f"layers of {name!r} name layer {choice.layers[-1]}, but the served model "
+                                 f"has {num_layers} decoder layers (0-{num_layers - 1})")
+        layers = None if choice.layers == tuple(range(num_layers)) else choice.layers  # canonical: all = None
+        digest, header = self._pin(config, name)
+        scale = choice.scale
+        if scale is None:
+            if header.recommended_scale is None:
+                raise AdmissionError(
+                    f"vector {name!r} has no recommended scale: give one (e.g. {name}:0.02) or run "
+                    f"`icv-vllm tune --vector {name}` to store a recommendation in the file")
+            scale = header.recommended_scale
+        return ResolvedChoice(name, digest, scale, layers, choice.positions,
+                              choice.mode or header.default_mode)
+
+    def _pin(self, config: PluginConfig, name: str) -> tuple[str, ICVHeader]:
+        """(digest, header) of the vector's current bytes, pinned."""
         directory = config.vector_dir
         try:
-            path = vector_path(directory, name)
-            data = read_vector_bytes(path, self._max_bytes)
+            data = read_vector(directory, name, self._shape[0], self._max_bytes)
         except ICVSpecError as e:
             raise AdmissionError(str(e)) from None
         except FileNotFoundError:
@@ -143,18 +163,19 @@ class Admission:
             raise AdmissionError(f"vector {name!r} cannot be used: {_hide(str(e), directory)}") from None
         digest = pinned_store.content_digest(data)
         with self._lock:
-            known_good = digest in self._pinned
-        if not known_good or not pinned_store.pinned_path(config.pin_dir, digest).exists():
+            header = self._pinned.get(digest)
+        if header is None or not pinned_store.pinned_path(config.pin_dir, digest).exists():
             try:
-                pinned_store.pin(config.pin_dir, data, check=lambda tensor, header: self._check_shape(name, header))
+                _, header = pinned_store.pin(config.pin_dir, data,
+                                             check=lambda tensor, header: self._check_shape(name, header))
             except ICVFileError as e:
                 raise AdmissionError(f"vector {name!r} cannot be used: "
                                      f"{_hide(str(e), config.pin_dir, name + '.safetensors')}") from None
             except OSError as e:
                 raise AdmissionError(f"vector {name!r} cannot be pinned for serving: {e.strerror or e}") from None
             with self._lock:
-                self._pinned.add(digest)
-        return ResolvedChoice(name, digest, scale)
+                self._pinned[digest] = header
+        return digest, header
 
     def _check_shape(self, name: str, header) -> None:
         shape = (header.num_layers, header.hidden_size)

@@ -1,5 +1,10 @@
 """The user's vector directory: name -> file, and reading a file safely.
 
+A name is ``name.safetensors`` (an ``icv-vllm/1`` file) or ``name.gguf`` (a
+llama.cpp / repeng control vector, converted in memory by ``read_vector``
+into an ``icv-vllm/1`` file's bytes, ``add`` mode by default); both at once
+is an error naming both, never a silent choice.
+
 Only the front end reads this directory (admission, the management API); the
 engine and its workers read pinned copies. Reading never blocks on special
 files: a FIFO, a device or a directory named ``x.safetensors`` is refused
@@ -17,38 +22,55 @@ from ..spec import ICVSpecError, validate_name
 from ..vectors.file_format import ICVFileError
 
 SUFFIX = ".safetensors"
+GGUF_SUFFIX = ".gguf"
+SUFFIXES = (SUFFIX, GGUF_SUFFIX)
 # Room for the safetensors JSON header on top of the tensor bytes.
 HEADER_ALLOWANCE_BYTES = 1 << 20
 
 
-def entry_path(directory: Path, name: str) -> Path:
-    """``directory/name.safetensors`` as written (a symlink stays a symlink):
-    what saving and deleting act on."""
-    return Path(directory) / f"{validate_name(name)}{SUFFIX}"
+def entry_path(directory: Path, name: str, suffix: str = SUFFIX) -> Path:
+    """``directory/name.safetensors`` (or ``suffix``) as written (a symlink
+    stays a symlink): what saving and deleting act on."""
+    if suffix not in SUFFIXES:
+        raise ValueError(f"vector files end in {' or '.join(SUFFIXES)}, not {suffix!r}")
+    return Path(directory) / f"{validate_name(name)}{suffix}"
 
 
-def vector_path(directory: Path, name: str) -> Path:
+def find_entry(directory: Path, name: str) -> Path | None:
+    """The directory entry ``name`` refers to: ``name.safetensors`` or
+    ``name.gguf`` (a link stays a link; a dangling one counts); ``None`` when
+    neither exists; ``ICVFileError`` when both do."""
+    found = [p for p in (entry_path(directory, name, s) for s in SUFFIXES) if os.path.lexists(p)]
+    if len(found) > 1:
+        raise ICVFileError(f"both {found[0].name} and {found[1].name} are in the vector directory; "
+                           f"remove one so that {name!r} names one vector")
+    return found[0] if found else None
+
+
+def vector_path(directory: Path, name: str, suffix: str = SUFFIX) -> Path:
     """The file a name reads from, links followed; never outside ``directory``."""
     directory = Path(directory).resolve()
-    path = entry_path(directory, name).resolve()
+    path = entry_path(directory, name, suffix).resolve()
     if path.parent != directory:
         raise ICVSpecError(f"vector name {name!r} resolves outside the vector directory")
     return path
 
 
 def known_names(directory: Path) -> list[str]:
+    """Names with a ``.safetensors`` or ``.gguf`` entry (each once)."""
     try:
         entries = list(Path(directory).iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return []
-    names = []
+    names = set()
     for p in entries:
-        stem = p.name[: -len(SUFFIX)]
-        if p.name.endswith(SUFFIX) and stem:
-            try:
-                names.append(validate_name(stem))
-            except ICVSpecError:
-                continue
+        for suffix in SUFFIXES:
+            stem = p.name[: -len(suffix)]
+            if p.name.endswith(suffix) and stem:
+                try:
+                    names.add(validate_name(stem))
+                except ICVSpecError:
+                    continue
     return sorted(names)
 
 
@@ -90,3 +112,24 @@ def read_vector_bytes(path: Path, max_bytes: int) -> bytes:
         raise ICVFileError(f"{path}: cannot be read ({e.strerror})") from None
     finally:
         os.close(fd)
+
+
+def read_vector(directory: Path, name: str, num_layers: int, max_bytes: int) -> bytes:
+    """The bytes of vector ``name`` as an ``icv-vllm/1`` safetensors file:
+    ``name.safetensors`` as it is, or ``name.gguf`` converted (``add`` mode by
+    default, zero rows for the layers it does not steer, ``num_layers`` rows;
+    the same GGUF always gives the same bytes). Raises ``FileNotFoundError``
+    (no such vector, or a dangling link), ``ICVSpecError`` (an illegal name, or
+    one resolving outside ``directory``) or ``ICVFileError`` (both files, a
+    special or oversize file, a malformed GGUF)."""
+    entry = find_entry(directory, name)
+    if entry is None:
+        raise FileNotFoundError(f"no vector named {name!r}")
+    suffix = GGUF_SUFFIX if entry.name.endswith(GGUF_SUFFIX) else SUFFIX
+    path = vector_path(directory, name, suffix)
+    data = read_vector_bytes(path, max_bytes)
+    if suffix == SUFFIX:
+        return data
+    from ..vectors.gguf_format import gguf_to_icv_bytes
+
+    return gguf_to_icv_bytes(data, str(path), num_layers)[0]

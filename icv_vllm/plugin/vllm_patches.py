@@ -77,8 +77,12 @@ PREPARE_INPUTS = PatchPoint(_RUNNER, "GPUModelRunner._prepare_inputs",
 PROCESS_INPUTS = PatchPoint("vllm.v1.engine.input_processor", "InputProcessor.process_inputs",
                             ("self", "request_id", "prompt", "params"),
                             "admit extra_args['icv'] (resolve, validate, pin) before the engine sees a request")
-LORA_HASH_KEYS = PatchPoint("vllm.v1.core.kv_cache_utils", "_gen_lora_extra_hash_keys", ("request",),
-                            "put the pinned selection into prefix-cache block hashes, as LoRA names are")
+BLOCK_HASH_KEYS = PatchPoint(
+    "vllm.v1.core.kv_cache_utils", "_gen_prompt_embeds_extra_hash_keys",
+    ("request", "start_token_idx", "end_token_idx"),
+    "put the pinned selection into prefix-cache block hashes, as LoRA names are: its prompt-affecting "
+    "entries in every block, all of it in blocks holding generated tokens (the one per-block extra-key "
+    "function that generate_block_hash_extra_keys looks up by module global and passes the block range)")
 SCHED_ADD_REQUEST = PatchPoint(_SCHED, "Scheduler.add_request", ("self", "request"),
                                "load a new request's pinned vectors in the engine core (or fail it)")
 SCHED_SCHEDULE = PatchPoint(_SCHED, "Scheduler.schedule", ("self",),
@@ -99,7 +103,7 @@ BATCH_CONDENSE = PatchPoint(_BATCH, "InputBatch.condense", ("self",),
                             "follow requests that condense moves into emptied rows")
 WORKER_BASE = PatchPoint("vllm.v1.worker.worker_base", "WorkerBase", (),
                          "add the icv_take_captures method that collective_rpc calls by name")
-ALL_PATCH_POINTS = (LOAD_MODEL_GPU, LOAD_MODEL_CPU, PREPARE_INPUTS, PROCESS_INPUTS, LORA_HASH_KEYS,
+ALL_PATCH_POINTS = (LOAD_MODEL_GPU, LOAD_MODEL_CPU, PREPARE_INPUTS, PROCESS_INPUTS, BLOCK_HASH_KEYS,
                     SCHED_ADD_REQUEST, SCHED_SCHEDULE, SCHED_BLOCKED_WAITING, V2_UNSUPPORTED,
                     BATCH_ADD, BATCH_REMOVE, BATCH_SWAP, BATCH_CONDENSE, WORKER_BASE)
 
@@ -121,7 +125,9 @@ RUNNER_READS = (
     AttributeRead(_R, "requests", "find each scheduled request's sampling params"),
     AttributeRead(_R, "input_batch.req_ids", "the request in each row (capture requests)"),
     AttributeRead(_R, "input_batch.max_num_reqs", "size the per-request vector rows"),
-    AttributeRead(_R, "input_batch.num_computed_tokens_cpu", "find a capture request's last prompt token"),
+    AttributeRead(_R, "input_batch.num_computed_tokens_cpu",
+                  "each scheduled token's position (prompt or generated; a capture request's last prompt token)"),
+    AttributeRead(_R, "input_batch.num_prompt_tokens", "tell each request's prompt tokens from generated ones"),
     AttributeRead(_R, "input_batch.batch_update_builder.removed",
                   "the rows condense() fills, to follow the requests it moves"),
 )
@@ -147,8 +153,13 @@ SCHEDULER_READS = (
     AttributeRead(_S, "grammar_compile_error_reqs",
                   "vLLM's per-request error set: its ids finish with FINISHED_ERROR in update_from_output"),
 )
-ENGINE_REQUEST_READS = (  # vllm.v1.request.Request and SchedulerOutput
+ENGINE_REQUEST_READS = (  # vllm.v1.request.Request
+    AttributeRead("vllm.v1.request.Request", "request_id", "key a request's vectors"),
     AttributeRead("vllm.v1.request.Request", "sampling_params", "a request's resolved selection"),
+    AttributeRead("vllm.v1.request.Request", "num_prompt_tokens",
+                  "tell prompt blocks from blocks holding generated tokens in prefix-cache keys"),
+)
+SCHEDULER_OUTPUT_READS = (
     AttributeRead("vllm.v1.core.sched.output.SchedulerOutput", "total_num_scheduled_tokens",
                   "ship contents only with steps the workers prepare"),
 )
@@ -164,6 +175,16 @@ FRONTEND_READS = (
 def check_reads(obj: Any, reads: tuple[AttributeRead, ...]) -> None:
     for read in reads:
         read.get(obj)
+
+
+_CHECKED: set[int] = set()
+
+
+def check_reads_once(obj: Any, reads: tuple[AttributeRead, ...]) -> None:
+    """``check_reads`` on the first object of its kind a hook sees (hot paths)."""
+    if id(reads) not in _CHECKED:
+        check_reads(obj, reads)
+        _CHECKED.add(id(reads))
 
 
 def _lookup(module: ModuleType, point: PatchPoint) -> tuple[Any, str, Any]:
@@ -270,15 +291,22 @@ def _admission(processor) -> _FrontEndAdmission:
     return admission
 
 
-def _with_icv_hash_key(original):
-    def _gen_lora_extra_hash_keys(request):
-        keys = original(request)
-        from ..protocol import resolved_of
+def _with_icv_hash_keys(original):
+    def _gen_prompt_embeds_extra_hash_keys(request, start_token_idx, end_token_idx, *args, **kwargs):
+        keys = original(request, start_token_idx, end_token_idx, *args, **kwargs)
+        from ..protocol import prefix_cache_keys, resolved_of
 
         params = getattr(request, "sampling_params", None)
         resolved = resolved_of(params.extra_args) if params is not None else None
-        return keys + [("icv", resolved)] if resolved else keys
-    return _gen_lora_extra_hash_keys
+        if not resolved:
+            return keys
+        check_reads_once(request, ENGINE_REQUEST_READS)
+        prompt_key, generated_key = prefix_cache_keys(resolved)
+        extra = [("icv", prompt_key)] if prompt_key else []
+        if end_token_idx > request.num_prompt_tokens:  # docs/method.md §7: generated positions
+            extra.append(("icv-generated", generated_key))
+        return keys + extra if extra else keys
+    return _gen_prompt_embeds_extra_hash_keys
 
 
 def _scheduling(scheduler):
@@ -300,6 +328,7 @@ def _after_add_request(original):
         result = original(self, request, *args, **kwargs)
         state = _scheduling(self)
         if state is not None:
+            check_reads_once(request, ENGINE_REQUEST_READS)
             state.on_add(request)
         return result
     return add_request
@@ -312,6 +341,7 @@ def _around_schedule(original):
             return original(self, *args, **kwargs)
         state.begin_step(self)
         output = original(self, *args, **kwargs)
+        check_reads_once(output, SCHEDULER_OUTPUT_READS)
         state.end_step(self, output)
         return output
     return schedule
@@ -346,7 +376,7 @@ def _tables_of(batch):
             return None
         from ..worker.request_tables import RequestTables
 
-        tables = batch.__dict__["_icv_tables"] = RequestTables(batch.max_num_reqs)
+        tables = batch.__dict__["_icv_tables"] = RequestTables(batch.max_num_reqs, RUNTIME.num_layers)
     return tables
 
 
@@ -355,7 +385,7 @@ def _batch_add(original):
         tables = _tables_of(self)  # before the first row exists: rows and tables start together
         row = original(self, request, *args, **kwargs)
         if tables is not None:
-            check_reads(request, BATCH_REQUEST_READS)
+            check_reads_once(request, BATCH_REQUEST_READS)
             tables.add(row, request.req_id, request.sampling_params)
         return row
     return add_request
@@ -412,7 +442,7 @@ def install() -> None:
     _wrap(LOAD_MODEL_CPU, _after_load_model)
     _wrap(PREPARE_INPUTS, _after_prepare_inputs)
     _wrap(PROCESS_INPUTS, _admit_process_inputs)
-    _wrap(LORA_HASH_KEYS, _with_icv_hash_key)
+    _wrap(BLOCK_HASH_KEYS, _with_icv_hash_keys)
     _wrap(SCHED_ADD_REQUEST, _after_add_request)
     _wrap(SCHED_SCHEDULE, _around_schedule)
     _wrap(SCHED_BLOCKED_WAITING, _gate_waiting_request)

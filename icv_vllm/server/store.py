@@ -7,6 +7,11 @@ or read whole. Saving and deleting act on the directory entry itself
 removed, its target left alone. Saves are atomic (temporary file + rename),
 so a request resolving names concurrently never sees half a file.
 
+A name may also be a llama.cpp / repeng control vector, ``name.gguf``: it is
+listed (``"format": "gguf"``, mode ``add`` unless said otherwise) and
+deleted like the others; saving never writes one, and refuses a name that a
+``.gguf`` holds (409) rather than leave two files under one name.
+
 Every method may block on the file system: routes call them in a thread.
 """
 
@@ -18,7 +23,8 @@ import stat
 from pathlib import Path
 from typing import Callable
 
-from ..frontend.vector_files import entry_path, known_names, read_vector_bytes, vector_path
+from ..frontend.vector_files import (GGUF_SUFFIX, SUFFIX, SUFFIXES, entry_path, find_entry, known_names,
+                                     read_vector_bytes, vector_path)
 from ..spec import ICVSpecError, validate_name
 from ..vectors.file_format import ICVFileError
 from .errors import ICVHTTPError
@@ -48,22 +54,43 @@ class VectorStore:
             raise ICVHTTPError(400, str(e), param) from None
 
     def exists(self, name: str) -> bool:
-        return os.path.lexists(self.entry(name))
+        self.entry(name)  # 400 for an illegal name
+        return any(os.path.lexists(entry_path(self.directory, name, s)) for s in SUFFIXES)
+
+    def is_gguf(self, name: str) -> bool:
+        """``name.gguf`` is in the directory: saving under this name is refused (409)."""
+        self.entry(name)  # 400 for an illegal name
+        return os.path.lexists(entry_path(self.directory, name, GGUF_SUFFIX))
 
     def names(self) -> list[str]:
         return known_names(self.directory)
 
     def info(self, name: str) -> dict:
-        """Metadata of one vector, as listed by ``GET /v1/icv``."""
-        link = self.entry(name)
+        """Metadata of one vector, as listed by ``GET /v1/icv``. ``digest``:
+        the start of the sha256 of the file's bytes (for a ``.safetensors``
+        file, the pinned store's digest). For a ``.gguf`` file ``num_layers``
+        is its highest direction + 1: admission pads it to the served model's
+        layers."""
+        self.entry(name)  # 400 for an illegal name
         entry: dict = {"object": "icv", "name": name}
+        link = None
         try:
-            path = vector_path(self.directory, name)
+            link = find_entry(self.directory, name)
+            if link is None:
+                raise FileNotFoundError(name)
+            suffix = GGUF_SUFFIX if link.name.endswith(GGUF_SUFFIX) else SUFFIX
+            entry["format"] = "gguf" if suffix == GGUF_SUFFIX else "safetensors"
+            path = vector_path(self.directory, name, suffix)
             created = int(os.stat(path).st_mtime)
             data = read_vector_bytes(path, MAX_LISTED_FILE_BYTES)
-            header = header_of_bytes(data, str(path))
+            if suffix == GGUF_SUFFIX:
+                from ..vectors.gguf_format import gguf_to_icv_bytes
+
+                header = header_of_bytes(gguf_to_icv_bytes(data, str(path))[0], str(path))
+            else:
+                header = header_of_bytes(data, str(path))
         except FileNotFoundError:
-            if os.path.lexists(link):
+            if link is not None and os.path.lexists(link):
                 return {**entry, "usable": False, "error": "a link to a file that does not exist"}
             raise self.not_found(name) from None
         except (ICVFileError, ICVSpecError, OSError) as e:
@@ -72,7 +99,7 @@ class VectorStore:
         entry.update(
             created=created, model=header.model, num_layers=header.num_layers,
             hidden_size=header.hidden_size, method=header.method, num_pairs=header.num_pairs,
-            digest=hashlib.sha256(data).hexdigest()[:DIGEST_CHARS],
+            mode=header.default_mode, digest=hashlib.sha256(data).hexdigest()[:DIGEST_CHARS],
         )
         problem = self._usable(name) if self._usable else None
         entry["usable"] = problem is None
@@ -94,6 +121,9 @@ class VectorStore:
         return ICVHTTPError(404, f"no vector named {name!r}; known vectors: {known}", "name")
 
     def conflict(self, name: str) -> ICVHTTPError:
+        if self.is_gguf(name):
+            return ICVHTTPError(409, f"vector {name!r} is a llama.cpp control vector ({name}{GGUF_SUFFIX}); "
+                                     "delete it first to save another vector under this name", "name")
         return ICVHTTPError(409, f"vector {name!r} already exists; send \"overwrite\": true to replace it", "name")
 
     def _not_a_vector_file(self, name: str, path: Path) -> ICVHTTPError | None:
@@ -102,7 +132,7 @@ class VectorStore:
         except FileNotFoundError:
             return None
         if stat.S_ISDIR(mode):
-            return ICVHTTPError(409, f"{name}.safetensors in the vector directory is a directory, not a "
+            return ICVHTTPError(409, f"{path.name} in the vector directory is a directory, not a "
                                      "vector file; remove it on the server", "name")
         return None
 
@@ -113,13 +143,19 @@ class VectorStore:
         problem = self._not_a_vector_file(name, path)
         if problem is not None:
             raise problem
-        if os.path.lexists(path) and not overwrite:
+        if self.is_gguf(name) or (os.path.lexists(path) and not overwrite):
             raise self.conflict(name)
         vector.save(path)  # renames over the entry: a link is replaced, not followed
         return self.info(name)
 
     def delete(self, name: str) -> dict:
-        path = self.entry(name)
+        self.entry(name)  # 400 for an illegal name
+        try:
+            path = find_entry(self.directory, name)
+        except ICVFileError as e:  # both name.safetensors and name.gguf: which one is meant?
+            raise ICVHTTPError(409, f"{self.hide_dir(str(e))}; DELETE removes one file, not both", "name") from None
+        if path is None:
+            raise self.not_found(name)
         problem = self._not_a_vector_file(name, path)
         if problem is not None:
             raise problem

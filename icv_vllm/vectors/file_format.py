@@ -6,7 +6,8 @@ Layout (format ``icv-vllm/1``):
   row ``l`` is the direction added at decoder layer ``l`` (the embedding row of
   the extraction is already dropped);
 - string metadata ``format``, ``model``, ``hidden_size``, ``num_layers``,
-  ``method`` (``pca``, ``mean`` or ``arithmetic``) and ``num_pairs``. Other
+  ``method`` (``pca``, ``mean``, ``arithmetic`` or ``gguf``) and ``num_pairs``
+  (absent allowed only for ``gguf`` and ``arithmetic``: not known). Other
   metadata keys are kept by readers that know them and ignored here, so later
   versions can add provenance without breaking old readers.
 
@@ -35,11 +36,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..protocol import MODES  # docs/method.md §2 (icv) and §7 (add)
+
 FORMAT = "icv-vllm/1"
 TENSOR_NAME = "icv"
-METHODS = ("pca", "mean", "arithmetic")
+# "gguf": imported from a llama.cpp/repeng GGUF control vector (vectors/gguf_format.py);
+# how it was computed, and from how many pairs, is not known.
+METHODS = ("pca", "mean", "arithmetic", "gguf")
 REQUIRED_METADATA = ("format", "model", "hidden_size", "num_layers", "method", "num_pairs")
-MODES = ("icv", "add")  # docs/method.md §2 (icv) and §7 (add)
+# methods whose files may omit num_pairs (unknown: an imported vector, or arithmetic on one)
+UNKNOWN_PAIRS_METHODS = ("gguf", "arithmetic")
 _POSITIVE_INT = re.compile(r"[1-9][0-9]*")
 
 
@@ -56,7 +62,7 @@ class ICVHeader:
     num_layers: int
     hidden_size: int
     method: str
-    num_pairs: int
+    num_pairs: int | None  # None: not known (method gguf, or arithmetic on such a vector)
     default_mode: str = "icv"
     recommended_scale: float | None = None
 
@@ -76,7 +82,8 @@ def check_metadata(path, metadata: dict[str, str] | None) -> ICVHeader:
     """Validate the metadata block; shape is checked against the tensor by the caller."""
     if not metadata:
         raise _fail(path, f"no metadata; an {FORMAT} vector file needs {', '.join(REQUIRED_METADATA)}")
-    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    missing = [k for k in REQUIRED_METADATA if k not in metadata
+               and not (k == "num_pairs" and metadata.get("method") in UNKNOWN_PAIRS_METHODS)]
     if missing:
         raise _fail(path, f"metadata is missing {', '.join(repr(k) for k in missing)}")
     if metadata["format"] != FORMAT:
@@ -94,7 +101,7 @@ def check_metadata(path, metadata: dict[str, str] | None) -> ICVHeader:
         num_layers=_positive_int(path, metadata, "num_layers"),
         hidden_size=_positive_int(path, metadata, "hidden_size"),
         method=metadata["method"],
-        num_pairs=_positive_int(path, metadata, "num_pairs"),
+        num_pairs=_positive_int(path, metadata, "num_pairs") if "num_pairs" in metadata else None,
         default_mode=default_mode,
         recommended_scale=_recommended_scale(path, metadata.get("recommended_scale")),
     )
@@ -165,7 +172,7 @@ def load_icv(path: str | os.PathLike) -> tuple[torch.Tensor, ICVHeader]:
     return tensor, header
 
 
-def write_icv(path: str | os.PathLike, tensor: torch.Tensor, *, model: str, method: str, num_pairs: int,
+def write_icv(path: str | os.PathLike, tensor: torch.Tensor, *, model: str, method: str, num_pairs: int | None,
               default_mode: str = "icv", recommended_scale: float | None = None) -> None:
     """Write a vector file atomically (temporary file + rename), so a server
     reading the directory never sees half a file. The optional keys are
@@ -179,8 +186,9 @@ def write_icv(path: str | os.PathLike, tensor: torch.Tensor, *, model: str, meth
         "hidden_size": str(tensor.shape[1]),
         "num_layers": str(tensor.shape[0]),
         "method": str(method),
-        "num_pairs": str(num_pairs),
     }
+    if num_pairs is not None:  # None: not known; check_metadata allows it for UNKNOWN_PAIRS_METHODS only
+        metadata["num_pairs"] = str(num_pairs)
     if default_mode != "icv":
         metadata["default_mode"] = str(default_mode)
     if recommended_scale is not None:

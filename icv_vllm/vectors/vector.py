@@ -2,7 +2,11 @@
 
 The paper combines ICVs by arithmetic (sums, differences, scaling). Results
 keep the model and record ``method="arithmetic"``; ``num_pairs`` of a sum or
-difference is the total number of demonstration pairs behind it.
+difference is the total number of demonstration pairs behind it, or None
+(unknown) when one of them is an imported vector (method ``gguf``). A
+vector's ``default_mode`` (``icv``, or ``add`` for an imported llama.cpp
+control vector) is kept by loading, saving and arithmetic; vectors of
+different default modes are not combined.
 """
 
 from __future__ import annotations
@@ -13,17 +17,18 @@ import os
 
 import torch
 
-from .file_format import METHODS, load_icv, write_icv
+from .file_format import METHODS, MODES, UNKNOWN_PAIRS_METHODS, load_icv, write_icv
 
 
 class ICVector:
     """One direction per decoder layer: a float32 ``[num_layers, hidden_size]`` tensor."""
 
-    __slots__ = ("tensor", "model", "method", "num_pairs")
+    __slots__ = ("tensor", "model", "method", "num_pairs", "default_mode")
     # numpy scalars would otherwise try to broadcast over us instead of calling __rmul__
     __array_ufunc__ = None
 
-    def __init__(self, tensor: torch.Tensor, *, model: str, method: str, num_pairs: int):
+    def __init__(self, tensor: torch.Tensor, *, model: str, method: str, num_pairs: int | None,
+                 default_mode: str = "icv"):
         if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or 0 in tensor.shape:
             raise ValueError(
                 f"an ICV is a non-empty 2-D tensor [num_layers, hidden_size], got "
@@ -34,14 +39,20 @@ class ICVector:
             raise ValueError("an ICV must have finite values (found NaN or inf)")
         if method not in METHODS:
             raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
-        if isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1:
+        if num_pairs is None:
+            if method not in UNKNOWN_PAIRS_METHODS:
+                raise ValueError(f"num_pairs is required for method {method!r}")
+        elif isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or num_pairs < 1:
             raise ValueError(f"num_pairs must be a positive int, got {num_pairs!r}")
+        if default_mode not in MODES:
+            raise ValueError(f"default_mode {default_mode!r} is not one of {', '.join(MODES)}")
         if not isinstance(model, str) or not model.strip():
             raise ValueError(f"model must be a non-empty string, got {model!r}")
         self.tensor = tensor
         self.model = model
         self.method = method
         self.num_pairs = num_pairs
+        self.default_mode = default_mode
 
     @property
     def num_layers(self) -> int:
@@ -52,13 +63,15 @@ class ICVector:
         return self.tensor.shape[1]
 
     def save(self, path: str | os.PathLike) -> None:
-        write_icv(path, self.tensor, model=self.model, method=self.method, num_pairs=self.num_pairs)
+        write_icv(path, self.tensor, model=self.model, method=self.method, num_pairs=self.num_pairs,
+                  default_mode=self.default_mode)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ICVector":
         """Load and validate; raises ``ICVFileError`` naming the file and the problem."""
         tensor, header = load_icv(path)
-        return cls(tensor, model=header.model, method=header.method, num_pairs=header.num_pairs)
+        return cls(tensor, model=header.model, method=header.method, num_pairs=header.num_pairs,
+                   default_mode=header.default_mode)
 
     def __repr__(self) -> str:
         return (
@@ -68,8 +81,13 @@ class ICVector:
 
     # arithmetic -----------------------------------------------------------
 
-    def _derived(self, tensor: torch.Tensor, num_pairs: int) -> "ICVector":
-        return ICVector(tensor, model=self.model, method="arithmetic", num_pairs=num_pairs)
+    def _derived(self, tensor: torch.Tensor, num_pairs: int | None) -> "ICVector":
+        return ICVector(tensor, model=self.model, method="arithmetic", num_pairs=num_pairs,
+                        default_mode=self.default_mode)
+
+    @staticmethod
+    def _total_pairs(a: int | None, b: int | None) -> int | None:
+        return None if a is None or b is None else a + b
 
     def _check_compatible(self, other: "ICVector", op: str) -> None:
         if self.tensor.shape != other.tensor.shape:
@@ -78,6 +96,9 @@ class ICVector:
             )
         if self.model != other.model:
             raise ValueError(f"cannot {op} ICVs of different models: {self.model!r} and {other.model!r}")
+        if self.default_mode != other.default_mode:
+            raise ValueError(f"cannot {op} ICVs of different default modes: {self.default_mode!r} and "
+                             f"{other.default_mode!r}")
 
     @staticmethod
     def _scalar(value: object) -> float | None:
@@ -92,13 +113,13 @@ class ICVector:
         if not isinstance(other, ICVector):
             return NotImplemented
         self._check_compatible(other, "add")
-        return self._derived(self.tensor + other.tensor, self.num_pairs + other.num_pairs)
+        return self._derived(self.tensor + other.tensor, self._total_pairs(self.num_pairs, other.num_pairs))
 
     def __sub__(self, other: object) -> "ICVector":
         if not isinstance(other, ICVector):
             return NotImplemented
         self._check_compatible(other, "subtract")
-        return self._derived(self.tensor - other.tensor, self.num_pairs + other.num_pairs)
+        return self._derived(self.tensor - other.tensor, self._total_pairs(self.num_pairs, other.num_pairs))
 
     def __neg__(self) -> "ICVector":
         return self._derived(-self.tensor, self.num_pairs)

@@ -17,7 +17,7 @@ import torch
 from ..config import plugin_config
 from ..model_families import family_of
 from ..plugin.vllm_patches import MODEL_READS, REQUEST_STATE_READS, check_reads
-from ..protocol import MAX_VECTORS_PER_REQUEST, STEP_VECTORS_ATTR
+from ..protocol import ENTRY_COLUMNS, STEP_VECTORS_ATTR
 from .captures import CaptureRecorder
 from .shift import DESCRIPTIONS, choose_shift
 from .step_metadata import StepMetadata
@@ -34,6 +34,7 @@ class SteeringRuntime:
         self.layers: list[int] = []
         self.shift = None            # chosen once (worker.shift)
         self.shift_path: str | None = None
+        self.num_layers = 0
         self.captures: CaptureRecorder | None = None
         self.active = False          # this step steers at least one token
         self._checked_request_state = False
@@ -64,7 +65,7 @@ class SteeringRuntime:
         device = torch.device(runner.device)
         self.build(VectorBank(config.max_slots, num_layers, int(text_config.hidden_size), device,
                               growable=not config.bank_is_fixed(device.type)),
-                   StepMetadata(runner.max_num_tokens, runner.max_num_reqs, device), model_config.dtype,
+                   StepMetadata(runner.max_num_tokens, runner.max_num_reqs, num_layers, device), model_config.dtype,
                    CaptureRecorder(num_layers, model.embed_input_ids, device))
         logger.info("icv: steering %d decoder layers of %s; %s bank of %d vector slots; shift by %s",
                     len(self.layers), type(model).__name__, "growable" if self.bank.growable else "fixed",
@@ -76,10 +77,11 @@ class SteeringRuntime:
         self.bank, self.metadata, self.captures = bank, metadata, captures
         self.shift = choose_shift(bank.tensor.device, dtype, metadata)
         self.shift_path = self.shift.name
-        max_num_reqs = metadata.entry_slots.shape[0]
-        self._arange = np.arange(max_num_reqs, dtype=np.int32)
-        self._no_slots = np.full((0, MAX_VECTORS_PER_REQUEST), -1, dtype=np.int32)
-        self._no_scales = np.zeros((0, MAX_VECTORS_PER_REQUEST), dtype=np.float32)
+        self.num_layers = bank.tensor.shape[1]
+        self._request_rows = np.arange(metadata.max_num_reqs, dtype=np.int32)  # prompt part of request i: row i
+        self._no_entries = (np.full((1, 0, ENTRY_COLUMNS), -1, dtype=np.int32),
+                            np.zeros((1, 0, ENTRY_COLUMNS), np.float32),
+                            np.zeros((1, 0, ENTRY_COLUMNS, metadata.entry_layer_bits.shape[2]), np.int32))
         self.ready = True
 
     # -- once per step -----------------------------------------------------------
@@ -100,18 +102,31 @@ class SteeringRuntime:
         steered = tables.steered[:num_reqs] if tables is not None else None
         self.active = steered is not None and bool(steered.any())
         if self.active:
-            ids = tables.vector_ids[:num_reqs]
-            present = np.zeros(len(tables.digest_of_id) + 1, dtype=bool)
-            present[ids] = True  # -1 (no vector) marks the extra last entry
-            lookup = self.bank.slots_for(np.flatnonzero(present[:-1]), tables.digest_of_id)
-            slots = lookup[ids]
-            rows = np.where(steered, self._arange[:num_reqs], -1).astype(np.int32, copy=False)
-            self.metadata.fill(np.repeat(rows, num_scheduled_tokens), slots, tables.scales[:num_reqs])
+            # prompt rows only, unless some request steers prompt and generated tokens differently
+            parts = 2 if tables.splits_positions[:num_reqs].any() else 1
+            ids = tables.vector_ids[:parts, :num_reqs]
+            lookup = self.bank.slots_for(tables.ids_in_use(), tables.digest_of_id)
+            rows = np.where(steered, self._request_rows[:num_reqs], -1).astype(np.int32, copy=False)
+            token_rows = np.repeat(rows, num_scheduled_tokens)
+            if parts == 2:  # a generated token names its request's second row, max_num_reqs + i
+                token_rows += self.metadata.max_num_reqs * (self._generated(runner, num_scheduled_tokens)
+                                                            & (token_rows >= 0))
+            self.metadata.fill(token_rows, lookup.take(ids), tables.scales[:parts, :num_reqs],
+                               tables.layer_bits[:parts, :num_reqs])
         else:  # nothing steered: every token row -1
-            self.metadata.fill(np.full(int(num_scheduled_tokens.sum()), -1, dtype=np.int32),
-                               self._no_slots, self._no_scales)
+            self.metadata.fill(np.full(int(num_scheduled_tokens.sum()), -1, dtype=np.int32), *self._no_entries)
         if tables is not None and tables.capturing[:num_reqs].any():
             self.captures.step_captures = self._step_captures(runner, tables, num_scheduled_tokens)
+
+    def _generated(self, runner: Any, num_scheduled_tokens: np.ndarray) -> np.ndarray:
+        """[T] int32: 1 where the step's token is a generated one (its position
+        is at or past its request's prompt length), else 0."""
+        batch = runner.input_batch
+        n = len(num_scheduled_tokens)
+        ends = np.cumsum(num_scheduled_tokens)
+        offset_in_request = np.arange(int(ends[-1])) - np.repeat(ends - num_scheduled_tokens, num_scheduled_tokens)
+        first_generated = batch.num_prompt_tokens[:n] - batch.num_computed_tokens_cpu[:n]
+        return (offset_in_request >= np.repeat(first_generated, num_scheduled_tokens)).astype(np.int32)
 
     def _step_captures(self, runner: Any, tables, num_scheduled_tokens: np.ndarray) -> list[tuple[str, int]]:
         """(capture id, token index) of capture requests whose last prompt

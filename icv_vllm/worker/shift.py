@@ -38,8 +38,7 @@ class TritonShift:
         self._m = metadata
 
     def __call__(self, hidden: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
-        m = self._m
-        self._kernel(hidden, m.token_rows, m.entry_slots, m.entry_scales, bank, layer)
+        self._kernel(hidden, *self._m.tables, bank, layer)
 
     def new_step(self) -> None:
         pass
@@ -52,7 +51,7 @@ class CShift:
     always_launch = False
 
     def __init__(self, metadata: StepMetadata):
-        self._bound = cpu_kernel.BoundTables(metadata.token_rows, metadata.entry_slots, metadata.entry_scales)
+        self._bound = cpu_kernel.BoundTables(*metadata.tables)
 
     def __call__(self, hidden: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
         if not self._bound(hidden, bank, layer):
@@ -80,8 +79,7 @@ class TorchShift:
 
     def __call__(self, hidden: torch.Tensor, bank: torch.Tensor, layer: int) -> None:
         if self._plan_key != hidden.shape[0]:
-            m = self._m
-            self._plan = plan_icv_shift(hidden.shape[0], m.token_rows, m.entry_slots, m.entry_scales)
+            self._plan = plan_icv_shift(hidden.shape[0], *self._m.tables)
             self._plan_key = hidden.shape[0]
         if self._plan is not None:
             icv_shift_planned(hidden, self._plan, bank, layer)

@@ -82,7 +82,8 @@ def test_values_are_checked_at_admission_not_only_the_header(dirs):
     ("nosuch:1", "unknown vector 'nosuch'; known vectors: broken, formal, polite, short, third"),
     ("short:1", "has 2 layers x 8 hidden size, but the served model tiny has 3 x 8"),
     ("broken:1", "vector 'broken' cannot be used"),
-    ("polite", "invalid icv: entry 'polite' must be 'name:scale'"),
+    ("polite", "vector 'polite' has no recommended scale: give one .e.g. polite:0.02. or run `icv-vllm tune"),
+    ("polite:1;layers=2-3", "layers of 'polite' name layer 3, but the served model has 3 decoder layers .0-2."),
     ("polite:1e39", "must be 0 or between"),
 ])
 def test_bad_selections(dirs, spec, message):
@@ -163,3 +164,19 @@ def test_a_ticket_serves_each_engine_request_of_one_body(dirs):
         assert a.admit({"icv": "polite:0.5", "icv_ticket": ticket})["icv_resolved"] == resolved
     with pytest.raises(AdmissionError, match="reserved"):
         a.admit({"icv": "polite:0.5", "icv_ticket": ticket})
+
+
+def test_options_resolve_against_the_file_and_the_model(dirs):
+    vectors, _ = dirs
+    ICVector(torch.full((3, 8), 4.0), model="m", method="mean", num_pairs=1).save(vectors / "tuned.safetensors")
+    from icv_vllm.vectors.file_format import load_icv, write_icv
+
+    tensor, _ = load_icv(vectors / "tuned.safetensors")
+    write_icv(vectors / "tuned.safetensors", tensor, model="m", method="mean", num_pairs=1,
+              default_mode="add", recommended_scale=0.03)
+    a = admission(dirs)
+    tuned, polite = parse_resolved(a.resolve("tuned;positions=generated, polite:0.1;layers=0-2;mode=add"))
+    assert (tuned.scale, tuned.mode, tuned.positions, tuned.layers) == (0.03, "add", "generated", None)
+    assert (polite.mode, polite.layers) == ("add", None)  # every layer of the model: canonical None
+    (explicit,) = parse_resolved(a.resolve("tuned:-0.5;mode=icv;layers=1"))
+    assert (explicit.scale, explicit.mode, explicit.layers) == (-0.5, "icv", (1,))

@@ -62,14 +62,14 @@ def test_fp16_available_with_a_modern_compiler():
 @needs_c_kernel
 def test_rows_with_a_stride_and_untouched_rest():
     """hidden may be a view with row stride > D (vLLM slices a padded buffer)."""
-    hidden, rows, slots, scales, bank, layer = make_case(T=16, D=64)
+    hidden, rows, slots, scales, layer_bits, bank, layer = make_case(T=16, D=64)
     wide = torch.randn(16, 80)
     wide[:, :64] = hidden
     view = wide[:, :64]
     before = wide.clone()
-    icv_shift_cpu(view, rows, slots, scales, bank, layer)
+    icv_shift_cpu(view, rows, slots, scales, layer_bits, bank, layer)
     expected = hidden.clone()
-    icv_shift_torch(expected, rows, slots, scales, bank, layer)
+    icv_shift_torch(expected, rows, slots, scales, layer_bits, bank, layer)
     torch.testing.assert_close(view, expected, **TOL[torch.float32])
     assert torch.equal(bits(wide[:, 64:]), bits(before[:, 64:]))
 
@@ -77,26 +77,28 @@ def test_rows_with_a_stride_and_untouched_rest():
 @needs_c_kernel
 def test_bad_tables_are_errors_not_wild_reads():
     """Refused before anything is written (token 0 is fine, a later one is not)."""
-    hidden, rows, slots, scales, bank, layer = make_case(T=8, D=32)
+    hidden, rows, slots, scales, layer_bits, bank, layer = make_case(T=8, D=32)
     out = hidden.clone()
-    with pytest.raises(IndexError, match="token 1 names row 99; the tables have 7"):
-        icv_shift_cpu(out, torch.tensor([0, 99] + [-1] * 6, dtype=torch.int32), slots, scales, bank, layer)
+    with pytest.raises(IndexError, match="token 1 names row 99; the tables have 11"):
+        icv_shift_cpu(out, torch.tensor([0, 99] + [-1] * 6, dtype=torch.int32), slots, scales, layer_bits, bank, layer)
     assert torch.equal(bits(out), bits(hidden))
     bad_slots = slots.clone()
-    bad_slots[2, 3] = 6
+    bad_slots[2, 6] = 6  # an add column
     with pytest.raises(IndexError, match="row 2 names slot 6; the bank has 6"):
-        icv_shift_cpu(out, rows, bad_slots, scales, bank, layer)
+        icv_shift_cpu(out, rows, bad_slots, scales, layer_bits, bank, layer)
     assert torch.equal(bits(out), bits(hidden))
     with pytest.raises(ValueError, match="layer 3 of 3"):
-        icv_shift_cpu(hidden.clone(), rows, slots, scales, bank, 3)
+        icv_shift_cpu(hidden.clone(), rows, slots, scales, layer_bits, bank, 3)
     with pytest.raises(TypeError, match="int32"):
-        icv_shift_cpu(hidden.clone(), rows.long(), slots, scales, bank, layer)
+        icv_shift_cpu(hidden.clone(), rows.long(), slots, scales, layer_bits, bank, layer)
     with pytest.raises(ValueError, match="tables do not fit"):
-        icv_shift_cpu(hidden.clone(), rows[:4], slots, scales, bank, layer)
+        icv_shift_cpu(hidden.clone(), rows, slots[:, :4], scales[:, :4], layer_bits, bank, layer)
+    with pytest.raises(ValueError, match="tables do not fit"):
+        icv_shift_cpu(hidden.clone(), rows, slots, scales, layer_bits[:4], bank, layer)
     with pytest.raises(ValueError, match="contiguous"):
-        icv_shift_cpu(hidden.clone(), rows, slots, scales, bank[:, :, :16], layer)
+        icv_shift_cpu(hidden.clone(), rows, slots, scales, layer_bits, bank[:, :, :16], layer)
     with pytest.raises(ValueError, match="cannot take"):
-        icv_shift_cpu(hidden.t(), rows, slots, scales, bank, layer)
+        icv_shift_cpu(hidden.t(), rows, slots, scales, layer_bits, bank, layer)
 
 
 def test_switched_off_by_environment():
@@ -122,13 +124,13 @@ def test_portable_build_matches_too(tmp_path):
     portable = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(portable)
     for dtype in (torch.float32, torch.bfloat16):
-        hidden, rows, slots, scales, bank, layer = make_case(T=40, D=576, dtype=dtype, seed=5)
+        hidden, rows, slots, scales, layer_bits, bank, layer = make_case(T=40, D=576, dtype=dtype, seed=5)
         out = hidden.clone()
         portable.shift(out.data_ptr(), 40, 576, 576, cpu_kernel._DTYPE_CODES[dtype], rows.data_ptr(),
-                       slots.data_ptr(), 4, scales.data_ptr(), 4, len(slots), bank.data_ptr(),
-                       bank.shape[0], bank.shape[1], layer)
+                       slots.data_ptr(), 8, scales.data_ptr(), 8, layer_bits.data_ptr(), 8, 1, 1, len(slots),
+                       bank.data_ptr(), bank.shape[0], bank.shape[1], layer)
         expected = hidden.clone()
-        icv_shift_torch(expected, rows, slots, scales, bank, layer)
+        icv_shift_torch(expected, rows, slots, scales, layer_bits, bank, layer)
         torch.testing.assert_close(out, expected, **TOL[dtype])
 
 
@@ -136,9 +138,9 @@ def test_portable_build_matches_too(tmp_path):
 def test_bound_tables_follow_refills_and_a_regrown_bank():
     """The plugin binds its persistent buffers once; each call must read the
     tables' current contents and whatever bank tensor it is given."""
-    hidden, rows, slots, scales, bank, layer = make_case(T=16, D=64, seed=3)
+    hidden, rows, slots, scales, layer_bits, bank, layer = make_case(T=16, D=64, seed=3)
     token_rows, entry_slots, entry_scales = rows.clone(), torch.full_like(slots, -1), torch.zeros_like(scales)
-    bound = cpu_kernel.BoundTables(token_rows, entry_slots, entry_scales)
+    bound = cpu_kernel.BoundTables(token_rows, entry_slots, entry_scales, layer_bits)
     out = hidden.clone()
     bound(out, bank, layer)  # tables still empty: nothing to do
     assert torch.equal(bits(out), bits(hidden))
@@ -147,7 +149,7 @@ def test_bound_tables_follow_refills_and_a_regrown_bank():
     grown = torch.cat([bank, torch.randn(6, *bank.shape[1:])])  # a new, larger tensor
     bound(out, grown, layer)
     expected = hidden.clone()
-    icv_shift_torch(expected, rows, slots, scales, bank, layer)
+    icv_shift_torch(expected, rows, slots, scales, layer_bits, bank, layer)
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
     with pytest.raises(ValueError, match="tables do not fit: 22 tokens, token_rows has 21"):
         bound(torch.zeros(22, 64), bank, layer)
@@ -155,8 +157,19 @@ def test_bound_tables_follow_refills_and_a_regrown_bank():
 
 @needs_c_kernel
 def test_bound_tables_decline_what_they_cannot_take():
-    hidden, rows, slots, scales, bank, layer = make_case(T=8, D=32)
-    bound = cpu_kernel.BoundTables(rows, slots, scales)
+    hidden, rows, slots, scales, layer_bits, bank, layer = make_case(T=8, D=32)
+    bound = cpu_kernel.BoundTables(rows, slots, scales, layer_bits)
     strided = hidden.t().contiguous().t()
     assert bound(strided, bank, layer) is False and torch.equal(strided, hidden)
     assert bound(hidden.clone(), bank, layer) is True
+
+
+@needs_c_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_in_a_later_bit_word(dtype):
+    """Layer 35 of 40: its switch is bit 3 of the second int32 word."""
+    case = make_case(T=30, D=48, dtype=dtype, seed=11, layer=35, L=40)
+    out = check(icv_shift_cpu, case)[0]
+    torch_out = case[0].clone()
+    icv_shift_torch(torch_out, *case[1:])
+    torch.testing.assert_close(out, torch_out, **TOL[dtype])

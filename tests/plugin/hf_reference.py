@@ -1,6 +1,7 @@
 """Independent reference for ICV application: HF transformers, fp32, greedy,
 a forward hook on every decoder layer's MLP implementing docs/method.md §2
-token by token. Shares no code with the plugin or the kernels."""
+(and §7: per-entry layers, positions, plain-add mode) token by token. Shares
+no code with the plugin or the kernels."""
 
 from __future__ import annotations
 
@@ -30,6 +31,29 @@ def shift(x: torch.Tensor, directions: list[tuple[torch.Tensor, float]]) -> torc
     return norm * F.normalize(x / norm + total / len(directions), dim=-1)
 
 
+def _applies(entry, layer: int, generated: bool) -> bool:
+    layers, positions = entry.get("layers"), entry.get("positions", "all")
+    return ((layers is None or layer in layers)
+            and positions in ("all", "generated" if generated else "prompt"))
+
+
+def steer(x: torch.Tensor, entries: list[dict], layer: int, first_generated: int) -> torch.Tensor:
+    """x [1, T, D] (or [T, D]) fp32: each token gets its entries that apply at
+    ``layer`` and its position (>= ``first_generated``: a generated token):
+    the ICV entries' transform (``shift``), then the add entries' lam * v."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat.clone()
+    for t in range(flat.shape[0]):
+        here = [e for e in entries if _applies(e, layer, t >= first_generated)]
+        icv = [(e["vector"][layer].float(), e["scale"]) for e in here if e.get("mode", "icv") == "icv"]
+        y = shift(flat[t], icv) if icv else flat[t]
+        for e in here:
+            if e.get("mode", "icv") == "add":
+                y = y + e["scale"] * e["vector"][layer].float()
+        out[t] = y
+    return out.reshape(x.shape)
+
+
 class HFReference:
     """``ff_attribute``: each decoder layer's feed-forward block in the HF model
     (``mlp`` for every supported family in transformers 5.x)."""
@@ -37,7 +61,8 @@ class HFReference:
     def __init__(self, model_dir: str, ff_attribute: str = "mlp", model_class=AutoModelForCausalLM):
         self.model = model_class.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
-        self._directions: list[tuple[torch.Tensor, float]] = []
+        self._directions: list = []
+        self._first_generated = 0
         for index, layer in enumerate(_decoder_layers(self.model)):
             getattr(layer, ff_attribute).register_forward_hook(self._hook(index))
 
@@ -45,19 +70,27 @@ class HFReference:
         def hook(module, inputs, output):
             if not self._directions:
                 return output
-            layer_dirs = [(v[index].float(), lam) for v, lam in self._directions]
+            if isinstance(self._directions[0], dict):  # entries with options (docs/method.md §7)
+                def apply(h):
+                    return steer(h.float(), self._directions, index, self._first_generated).to(h.dtype)
+            else:
+                layer_dirs = [(v[index].float(), lam) for v, lam in self._directions]
+
+                def apply(h):
+                    return shift(h.float(), layer_dirs).to(h.dtype)
             if isinstance(output, tuple):  # (hidden, router logits) in some MoE blocks
-                return (shift(output[0].float(), layer_dirs).to(output[0].dtype), *output[1:])
-            return shift(output.float(), layer_dirs).to(output.dtype)
+                return (apply(output[0]), *output[1:])
+            return apply(output)
         return hook
 
     @torch.no_grad()
-    def greedy(self, prompt_ids: list[int], vectors: list[tuple[torch.Tensor, float]],
-               max_tokens: int) -> list[int]:
+    def greedy(self, prompt_ids: list[int], vectors: list, max_tokens: int) -> list[int]:
         """Greedy continuation of exactly ``max_tokens`` (EOS ignored, as the
         engine runs with ignore_eos), recomputing the whole sequence each step
-        (no KV cache: nothing shared with how vLLM reuses state)."""
+        (no KV cache: nothing shared with how vLLM reuses state). ``vectors``:
+        (tensor, lam) pairs, or entry dicts {vector, scale, layers, positions, mode}."""
         self._directions = vectors
+        self._first_generated = len(prompt_ids)
         try:
             ids = list(prompt_ids)
             out = []

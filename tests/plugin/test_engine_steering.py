@@ -32,13 +32,22 @@ TEXTS = [
     "hello world this is a small test of steering",
 ]
 # (prompt index, spec): none; one vector at two scales; a negative scale; a
-# two-vector mix; the same prompt with different vectors; a four-entry mix.
+# two-vector mix; the same prompt with different vectors; a four-entry mix;
+# then the per-vector options (docs/method.md §7): some layers, prompt or
+# generated tokens only, plain addition, and all of them in one request.
 MIXED = [
     (0, None), (1, "alpha:0.6"), (1, "alpha:2.5"), (2, "beta:-1.5"),
     (2, "alpha:1.0,beta:0.7"), (0, "beta:1.2"), (0, "gamma:0.9"),
     (3, "alpha:0.5,beta:0.5,gamma:-0.8,alpha:0.3"), (3, None),
+    (1, "alpha:2.5;layers=0+2"), (2, "beta:-1.5;positions=generated"), (2, "beta:-1.5;positions=prompt"),
+    (3, "alpha:0.3;mode=add"), (1, "gamma:-0.5;mode=add;layers=1"),
+    (0, "alpha:1.0;layers=1-2;positions=generated,beta:0.2;mode=add;positions=prompt,gamma:0.9"),
 ]
-LONG_SPECS = [None, "alpha:1.5", "beta:1.5", "alpha:1.5"]
+# none; alpha; beta; alpha again (its own blocks); alpha on generated tokens
+# only (the unsteered prompt's blocks); beta on prompt tokens only (beta's
+# prompt blocks: the same prompt KV)
+LONG_SPECS = [None, "alpha:1.5", "beta:1.5", "alpha:1.5", "alpha:1.5;positions=generated",
+              "beta:1.5;positions=prompt"]
 
 
 def _vectors(num_layers: int, hidden: int) -> dict[str, torch.Tensor]:
@@ -48,12 +57,21 @@ def _vectors(num_layers: int, hidden: int) -> dict[str, torch.Tensor]:
 
 
 def _choices(spec, vectors):
+    """HF reference entries for a selection string (parsed here, not by the plugin)."""
     if not spec:
         return []
     out = []
     for part in spec.split(","):
-        name, scale = part.split(":")
-        out.append((vectors[name], float(scale)))
+        head, *options = part.split(";")
+        name, scale = head.split(":")
+        entry = {"vector": vectors[name], "scale": float(scale)}
+        for option in options:
+            key, value = option.split("=")
+            if key == "layers":
+                value = {int(i) for span in value.split("+")
+                         for i in range(int(span.split("-")[0]), int(span.split("-")[-1]) + 1)}
+            entry[key] = value
+        out.append(entry)
     return out
 
 
@@ -176,9 +194,11 @@ def test_prefix_cache_never_crosses_vector_specs(steered_run, mode):
     runs, _, expected_long = steered_run
     _, _, _, long_runs = _batches(runs[mode])
     assert [r["token_ids"] for r in long_runs] == expected_long
-    none, alpha, beta, alpha_again = (r["num_cached_tokens"] for r in long_runs)
+    none, alpha, beta, alpha_again, generated_only, prompt_only = (r["num_cached_tokens"] for r in long_runs)
     assert alpha == 0 and beta == 0  # a different spec never hits blocks of another
     assert alpha_again >= 192  # the same spec does reuse its own blocks
+    assert generated_only >= 192  # generated tokens only: the prompt's KV is the unsteered one
+    assert prompt_only >= 192  # beta on the prompt only: beta's prompt KV
 
 
 def test_compiled_mode_really_compiles(steered_run):
@@ -191,7 +211,7 @@ def test_bad_selections_are_refused_before_the_engine(steered_run):
     runs, _, _ = steered_run
     errors = runs["eager"]["bad_spec_errors"]
     assert "unknown vector 'nosuch'; known vectors: alpha, beta, gamma" in errors[0]
-    assert "must be 'name:scale'" in errors[1]
+    assert "vector 'alpha' has no recommended scale" in errors[1]
     assert "is not a number: 'nan'" in errors[2]
     assert "at most 4 vectors" in errors[3]
     assert "invalid vector name" in errors[4]

@@ -44,7 +44,7 @@ def test_patches_are_installed_after_register():
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.worker import cpu_model_runner, gpu_model_runner, worker_base
 
-    assert kv_cache_utils._gen_lora_extra_hash_keys.__icv_patched__
+    assert kv_cache_utils._gen_prompt_embeds_extra_hash_keys.__icv_patched__
     assert InputProcessor.process_inputs.__icv_patched__
     assert gpu_model_runner.GPUModelRunner._prepare_inputs.__icv_patched__
     assert cpu_model_runner.CPUModelRunner.load_model.__icv_patched__
@@ -75,19 +75,31 @@ def test_v2_runner_is_not_chosen_when_steering_is_configured(monkeypatch):
     assert wrapped(on) == ["x", "icv-vllm steering"]
 
 
-def test_prefix_cache_key_carries_the_resolved_spec():
+def test_prefix_cache_keys_carry_what_changes_each_block():
+    """Prompt blocks carry the prompt-affecting entries (a generated-only
+    selection none: it shares the unsteered prompt's cache); blocks holding
+    generated tokens carry the whole selection (docs/method.md §7)."""
     from icv_vllm.plugin import register
 
     register()
     from vllm.v1.core import kv_cache_utils
 
-    def request(extra):
-        return types.SimpleNamespace(lora_request=None, sampling_params=types.SimpleNamespace(extra_args=extra))
+    keys_of = kv_cache_utils._gen_prompt_embeds_extra_hash_keys
 
-    assert kv_cache_utils._gen_lora_extra_hash_keys(request(None)) == []
-    assert kv_cache_utils._gen_lora_extra_hash_keys(request({"icv": "a:1"})) == []
-    keys = kv_cache_utils._gen_lora_extra_hash_keys(request({"icv_resolved": "a@0123:1.0"}))
-    assert keys == [("icv", "a@0123:1.0")]
+    def request(extra):
+        return types.SimpleNamespace(lora_request=None, prompt_embeds=None, num_prompt_tokens=32, request_id="r",
+                                     sampling_params=types.SimpleNamespace(extra_args=extra))
+
+    assert keys_of(request(None), 0, 16) == []
+    assert keys_of(request({"icv": "a:1"}), 0, 16) == []
+    assert keys_of(request({"icv_resolved": "a@0123:1.0"}), 0, 16) == [("icv", "a@0123:1.0")]
+    assert keys_of(request({"icv_resolved": "a@0123:1.0"}), 32, 48) == [
+        ("icv", "a@0123:1.0"), ("icv-generated", "a@0123:1.0")]
+    generated_only = {"icv_resolved": "a@0123:1.0;positions=generated"}
+    assert keys_of(request(generated_only), 16, 32) == []
+    assert keys_of(request(generated_only), 24, 40) == [("icv-generated", "a@0123:1.0;positions=generated")]
+    prompt_only = {"icv_resolved": "a@0123:1.0;positions=prompt;mode=add"}
+    assert keys_of(request(prompt_only), 0, 16) == [("icv", "a@0123:1.0;mode=add")]  # = positions=all's
 
 
 def test_register_imports_nothing_heavy():

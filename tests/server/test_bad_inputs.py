@@ -21,7 +21,7 @@ BAD = [
     ("unknown-in-list", {"icv": [{"name": "polite", "scale": 1}, {"name": "nope", "scale": 1}]}, "icv",
      ["unknown vector 'nope'"]),
     ("unknown-via-xargs", {"vllm_xargs": {"icv": "nope:0.1"}}, "icv", ["unknown vector 'nope'"]),
-    ("no-scale", {"icv": "polite"}, "icv", ["'name:scale'"]),
+    ("no-scale", {"icv": "polite"}, "icv", ["no recommended scale", "icv-vllm tune"]),
     ("scale-not-number", {"icv": "polite:abc"}, "icv", ["not a number"]),
     ("empty-entry", {"icv": "polite:1,,formal:1"}, "icv", ["empty entry"]),
     ("empty-string", {"icv": ""}, "icv", ["empty entry"]),

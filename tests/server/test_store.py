@@ -149,3 +149,70 @@ def test_create_refuses_oversize_bodies(client):
     assert r.status_code == 413
     r = client.post("/v1/icv", content=b"[" * 100_000, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+# -- llama.cpp control vectors (name.gguf) -----------------------------------------------------
+
+def _cvec(path, layers=(1, 2)):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "controlvector")
+    w.add_string("controlvector.model_hint", "llama")
+    w.add_int32("controlvector.layer_count", len(layers))
+    for layer in layers:
+        w.add_tensor(f"direction.{layer}", np.full(HIDDEN, float(layer), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def gguf_store(directory):
+    _cvec(directory / "happy.gguf")
+    _cvec(directory / "good.gguf")  # next to good.safetensors: ambiguous
+    (directory / "broken.gguf").write_bytes(b"GGUF")
+    os.mkfifo(directory / "pipe.gguf")
+    return VectorStore(directory)
+
+
+def test_gguf_vectors_are_listed_with_their_mode(gguf_store, directory):
+    listed, _ = _within(10, lambda: {v["name"]: v for v in gguf_store.list()})
+    happy = listed["happy"]
+    assert happy["usable"] is True, happy
+    assert (happy["format"], happy["mode"], happy["method"], happy["num_pairs"], happy["model"]) == (
+        "gguf", "add", "gguf", None, "llama")
+    assert (happy["num_layers"], happy["hidden_size"]) == (3, HIDDEN)  # highest direction + 1
+    import hashlib
+    assert happy["digest"] == hashlib.sha256((directory / "happy.gguf").read_bytes()).hexdigest()[:16]
+    assert (listed["link"]["format"], listed["link"]["mode"]) == ("safetensors", "icv")
+    assert listed["good"]["usable"] is False and "both good.safetensors and good.gguf" in listed["good"]["error"]
+    assert listed["broken"]["usable"] is False and "not a GGUF file" in listed["broken"]["error"]
+    assert listed["pipe"]["usable"] is False and "is a FIFO" in listed["pipe"]["error"]
+    assert all(str(directory) not in v.get("error", "") for v in listed.values())
+
+
+def test_gguf_delete_and_save(gguf_store, directory):
+    assert gguf_store.exists("happy")
+    with pytest.raises(ICVHTTPError) as info:  # saving over a .gguf would leave two files under one name
+        gguf_store.save("happy", _vector(7), overwrite=True)
+    assert info.value.status == 409 and "happy.gguf" in info.value.message
+    assert not (directory / "happy.safetensors").exists()
+    assert gguf_store.is_gguf("happy") and "delete it first" in gguf_store.conflict("happy").message
+    assert gguf_store.delete("happy") == {"object": "icv", "name": "happy", "deleted": True}
+    assert not (directory / "happy.gguf").exists() and not gguf_store.exists("happy")
+    with pytest.raises(ICVHTTPError) as info:
+        gguf_store.info("happy")
+    assert info.value.status == 404
+    with pytest.raises(ICVHTTPError) as info:  # both files: DELETE does not guess which one is meant
+        gguf_store.delete("good")
+    assert info.value.status == 409 and "both good.safetensors and good.gguf" in info.value.message
+    assert (directory / "good.gguf").exists() and (directory / "good.safetensors").exists()
+    assert _within(10, lambda: gguf_store.delete("pipe"))[0]["deleted"] is True
+    (directory / "adir.gguf").mkdir()
+    (directory / "adir.safetensors").rmdir()
+    with pytest.raises(ICVHTTPError) as info:
+        gguf_store.delete("adir")
+    assert info.value.status == 409 and "adir.gguf in the vector directory is a directory" in info.value.message

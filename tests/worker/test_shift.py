@@ -9,13 +9,17 @@ from icv_vllm.worker.step_metadata import StepMetadata
 
 
 def filled(T=6, R=3, D=16):
-    m = StepMetadata(32, 8, torch.device("cpu"))
+    m = StepMetadata(32, 8, 2, torch.device("cpu"))
     import numpy as np
 
     rows = np.array([0, 0, -1, 1, 2, 2], dtype=np.int32)[:T]
-    slots = np.array([[0, -1, -1, -1], [1, 0, -1, -1], [2, -1, -1, -1]], dtype=np.int32)[:R]
-    scales = np.array([[0.5, 0, 0, 0], [1.0, -0.3, 0, 0], [2.0, 0, 0, 0]], dtype=np.float32)[:R]
-    m.fill(rows, slots, scales)
+    slots = np.array([[0, -1, -1, -1, -1, -1, -1, -1], [1, 0, -1, -1, 2, -1, -1, -1],
+                      [2, -1, -1, -1, -1, -1, -1, -1]], dtype=np.int32)[:R]
+    scales = np.array([[0.5, 0, 0, 0, 0, 0, 0, 0], [1.0, -0.3, 0, 0, 0.2, 0, 0, 0],
+                       [2.0, 0, 0, 0, 0, 0, 0, 0]], dtype=np.float32)[:R]
+    bits = np.full((R, 8, 1), -1, dtype=np.int32)
+    bits[2, 0, 0] = 1  # row 2's entry: layer 0 only
+    m.fill(rows, slots[None], scales[None], bits[None])
     return m
 
 
@@ -38,7 +42,7 @@ def test_c_and_torch_shifts_agree_and_c_never_falls_back_silently():
     torch_shift.new_step()
     torch_shift(b, bank, 1)
     c = hidden.clone()
-    icv_shift_torch(c, m.token_rows, m.entry_slots, m.entry_scales, bank, 1)
+    icv_shift_torch(c, *m.tables, bank, 1)
     torch.testing.assert_close(a, b)
     assert torch.equal(b, c) and not torch.equal(a, hidden)
     strided = hidden.t().contiguous().t()
