@@ -21,9 +21,11 @@ setup(
         "icv_vllm.worker",
         "icv_vllm.server",
         "icv_vllm.cli",
+        "icv_vllm.tuning",
         "icv_vllm.kernels",
     ],
     package_dir={"icv_vllm.kernels": "kernels"},
+    package_data={"icv_vllm": ["data/*.txt"]},  # icv-vllm tune's default neutral prompts
     # The CPU kernel: plain C against Python's headers (no torch headers, a
     # one-second build). optional: without a C compiler the install still
     # succeeds and the plugin uses the torch path.

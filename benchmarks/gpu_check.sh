@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # GPU check of the ICV shift kernels on a machine with only torch + triton
-# (no vLLM, nothing of this project installed): kernel tests on CUDA, then the
-# kernel benchmark, all output into one results file. Under 5 minutes.
+# (no vLLM, nothing of this project installed): kernel tests on CUDA, the
+# steering op under a CUDA graph with changing tables and bank contents
+# (bf16/fp16/fp32) and the kernel's bandwidth against a device copy
+# (benchmarks/gpu_graph_check.py), then the kernel benchmark, all output into
+# one results file. Under 5 minutes.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_FILE]   (default benchmarks/results/gpu_check.md)
 #
-# icv_vllm.kernels is made importable from the checkout through a temporary
-# icv_vllm/ holding an empty __init__.py and a kernels -> repo/kernels link
-# (kernels/ imports nothing else from icv_vllm). pytest runs from that temp
+# icv_vllm (with its kernels) is made importable from the checkout through a
+# temporary icv_vllm/ linking every entry of repo/icv_vllm plus a kernels ->
+# repo/kernels link (none of it imports vLLM at import time; the C kernel is
+# not built there, so the CPU parts use the torch path). pytest runs from that temp
 # dir with --import-mode=importlib so the repo root (whose icv_vllm/ has no
 # kernels/) never lands on sys.path, and --noconftest because tests/conftest.py
 # needs the full test dependencies. Without CUDA the same commands run the
@@ -21,7 +25,7 @@ mkdir -p "$(dirname "$OUT")"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/icv_vllm"
-: > "$WORK/icv_vllm/__init__.py"
+for entry in "$REPO"/icv_vllm/*; do ln -s "$entry" "$WORK/icv_vllm/$(basename "$entry")"; done
 ln -s "$REPO/kernels" "$WORK/icv_vllm/kernels"
 export PYTHONPATH="$WORK${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
@@ -48,6 +52,8 @@ print('kernels from', k.__file__)"
   timeout 120 "$PY" -m pytest "$REPO/tests/kernels" -q -rs -p no:cacheprovider --noconftest \
     --import-mode=importlib --rootdir "$REPO/tests/kernels" || status=1
   echo '```'
+  echo
+  timeout 90 "$PY" "$REPO/benchmarks/gpu_graph_check.py" || status=1
   echo
   timeout 150 "$PY" "$REPO/benchmarks/kernel.py" --out "$WORK/kernel.md" > /dev/null || status=1
   cat "$WORK/kernel.md" 2>/dev/null || echo "benchmark produced no table"

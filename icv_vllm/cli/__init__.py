@@ -14,7 +14,7 @@ import sys
 
 def _build_parser() -> argparse.ArgumentParser:
     from .. import demo_model
-    from . import convert, extract
+    from . import convert, extract, tune
 
     parser = argparse.ArgumentParser(
         prog="icv-vllm",
@@ -27,6 +27,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     extract.add_parser(commands)
     convert.add_parser(commands)
+    tune.add_parser(commands)
     demo_model.add_parser(commands)
     return parser
 

@@ -1,5 +1,5 @@
-"""``/v1/icv``: list, create (extract from pairs in the running server) and
-delete vectors. Off unless ``ICV_VLLM_ALLOW_RUNTIME_UPDATES=1``: creating a
+"""``/v1/icv``: list, create (extract from pairs in the running server),
+tune (``POST /v1/icv/{name}/tune``, ``tuning_route``) and delete vectors. Off unless ``ICV_VLLM_ALLOW_RUNTIME_UPDATES=1``: creating a
 vector runs the model and writes files, as LoRA loading does in vLLM, which
 keeps that behind ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``. Under ``/v1``, so
 vLLM's ``--api-key`` check covers these routes.
@@ -96,4 +96,21 @@ async def delete_vector(name: str, request: Request) -> dict:
     async with server.write_lock:
         result = await asyncio.to_thread(server.store.delete, name)
     logger.info("icv: deleted vector %r", name)
+    return result
+
+
+@router.post(PREFIX + "/{name}/tune")
+async def tune_vector(name: str, request: Request) -> dict:
+    """Sweep the vector's strength with the running engine and store the
+    recommendation as its ``recommended_scale`` (``tuning_route``)."""
+    from .tuning_route import MAX_TUNE_BODY_BYTES, check_name, parse_tune_body, tune_in_server
+
+    server = _server(request)
+    name = check_name(name)
+    has_body = request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
+    tune = parse_tune_body(await _read_json(request, MAX_TUNE_BODY_BYTES) if has_body else None)
+    result = await until_abandoned(tune_in_server(server, name, tune), request.receive,
+                                   server_stopping(request.app.state), f"tuning of {name!r}")
+    logger.info("icv: tuned vector %r: recommended scale %s%s", name, result["recommended_scale"],
+                " (stored)" if result["stored"] else "")
     return result

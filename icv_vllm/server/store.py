@@ -99,7 +99,8 @@ class VectorStore:
         entry.update(
             created=created, model=header.model, num_layers=header.num_layers,
             hidden_size=header.hidden_size, method=header.method, num_pairs=header.num_pairs,
-            mode=header.default_mode, digest=hashlib.sha256(data).hexdigest()[:DIGEST_CHARS],
+            mode=header.default_mode, recommended_scale=header.recommended_scale,
+            digest=hashlib.sha256(data).hexdigest()[:DIGEST_CHARS],
         )
         problem = self._usable(name) if self._usable else None
         entry["usable"] = problem is None

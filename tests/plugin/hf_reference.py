@@ -37,20 +37,20 @@ def _applies(entry, layer: int, generated: bool) -> bool:
             and positions in ("all", "generated" if generated else "prompt"))
 
 
-def steer(x: torch.Tensor, entries: list[dict], layer: int, first_generated: int) -> torch.Tensor:
-    """x [1, T, D] (or [T, D]) fp32: each token gets its entries that apply at
-    ``layer`` and its position (>= ``first_generated``: a generated token):
-    the ICV entries' transform (``shift``), then the add entries' lam * v."""
+def steer(x: torch.Tensor, entries: list[dict], layer: int, first_generated: int, mode: str) -> torch.Tensor:
+    """x [1, T, D] (or [T, D]) fp32: each token gets its entries of ``mode``
+    that apply at ``layer`` and its position (>= ``first_generated``: a
+    generated token): ICV entries' transform (``shift``, on the MLP output),
+    or add entries' lam * v (on the decoder layer's output, as llama.cpp
+    applies control vectors)."""
     flat = x.reshape(-1, x.shape[-1])
     out = flat.clone()
     for t in range(flat.shape[0]):
-        here = [e for e in entries if _applies(e, layer, t >= first_generated)]
-        icv = [(e["vector"][layer].float(), e["scale"]) for e in here if e.get("mode", "icv") == "icv"]
-        y = shift(flat[t], icv) if icv else flat[t]
-        for e in here:
-            if e.get("mode", "icv") == "add":
-                y = y + e["scale"] * e["vector"][layer].float()
-        out[t] = y
+        here = [e for e in entries if e.get("mode", "icv") == mode and _applies(e, layer, t >= first_generated)]
+        if mode == "icv" and here:
+            out[t] = shift(flat[t], [(e["vector"][layer].float(), e["scale"]) for e in here])
+        for e in here if mode == "add" else ():
+            out[t] = out[t] + e["scale"] * e["vector"][layer].float()
     return out.reshape(x.shape)
 
 
@@ -65,14 +65,17 @@ class HFReference:
         self._first_generated = 0
         for index, layer in enumerate(_decoder_layers(self.model)):
             getattr(layer, ff_attribute).register_forward_hook(self._hook(index))
+            layer.register_forward_hook(self._hook(index, "add"))
 
-    def _hook(self, index: int):
+    def _hook(self, index: int, mode: str = "icv"):
         def hook(module, inputs, output):
             if not self._directions:
                 return output
             if isinstance(self._directions[0], dict):  # entries with options (docs/method.md §7)
                 def apply(h):
-                    return steer(h.float(), self._directions, index, self._first_generated).to(h.dtype)
+                    return steer(h.float(), self._directions, index, self._first_generated, mode).to(h.dtype)
+            elif mode == "add":
+                return output
             else:
                 layer_dirs = [(v[index].float(), lam) for v, lam in self._directions]
 

@@ -42,7 +42,10 @@ MIXED = [
     (1, "alpha:2.5;layers=0+2"), (2, "beta:-1.5;positions=generated"), (2, "beta:-1.5;positions=prompt"),
     (3, "alpha:0.3;mode=add"), (1, "gamma:-0.5;mode=add;layers=1"),
     (0, "alpha:1.0;layers=1-2;positions=generated,beta:0.2;mode=add;positions=prompt,gamma:0.9"),
+    # a llama.cpp control vector (cvec.gguf: add mode by default), alone and beside an ICV
+    (2, "cvec:0.4"), (3, "cvec:-0.3,alpha:0.8"),
 ]
+DEFAULT_MODES = {"cvec": "add"}  # what each vector file says (a .gguf: add)
 # none; alpha; beta; alpha again (its own blocks); alpha on generated tokens
 # only (the unsteered prompt's blocks); beta on prompt tokens only (beta's
 # prompt blocks: the same prompt KV)
@@ -56,6 +59,26 @@ def _vectors(num_layers: int, hidden: int) -> dict[str, torch.Tensor]:
             for name, scale in (("alpha", 1.0), ("beta", 3.0), ("gamma", 0.1))}
 
 
+def _write_control_vector(path: Path, tensor: torch.Tensor) -> torch.Tensor:
+    """A GGUF control vector as llama.cpp's cvector-generator writes it (with
+    the gguf library: direction.1..L-1, layer 0 has none); returns the
+    [layers, hidden] tensor it stands for (row 0 zero)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_int32("controlvector.layer_count", tensor.shape[0] - 1)
+    for layer in range(1, tensor.shape[0]):
+        writer.add_tensor(f"direction.{layer}", tensor[layer].numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = tensor.clone()
+    out[0] = 0
+    return out
+
+
 def _choices(spec, vectors):
     """HF reference entries for a selection string (parsed here, not by the plugin)."""
     if not spec:
@@ -64,7 +87,7 @@ def _choices(spec, vectors):
     for part in spec.split(","):
         head, *options = part.split(";")
         name, scale = head.split(":")
-        entry = {"vector": vectors[name], "scale": float(scale)}
+        entry = {"vector": vectors[name], "scale": float(scale), "mode": DEFAULT_MODES.get(name, "icv")}
         for option in options:
             key, value = option.split("=")
             if key == "layers":
@@ -115,6 +138,7 @@ def _steered_runs(model_dir: Path, tmp: Path, modes: tuple[str, ...]):
     vector_dir.mkdir()
     for name, tensor in vectors.items():
         ICVector(tensor, model=str(model_dir), method="mean", num_pairs=1).save(vector_dir / f"{name}.safetensors")
+    vectors["cvec"] = _write_control_vector(vector_dir / "cvec.gguf", vectors["beta"] * 0.5)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tokenizer(t)["input_ids"] for t in TEXTS]
     long_prompt = tokenizer(" ".join(TEXTS * 6))["input_ids"]
@@ -210,7 +234,7 @@ def test_compiled_mode_really_compiles(steered_run):
 def test_bad_selections_are_refused_before_the_engine(steered_run):
     runs, _, _ = steered_run
     errors = runs["eager"]["bad_spec_errors"]
-    assert "unknown vector 'nosuch'; known vectors: alpha, beta, gamma" in errors[0]
+    assert "unknown vector 'nosuch'; known vectors: alpha, beta, cvec, gamma" in errors[0]
     assert "vector 'alpha' has no recommended scale" in errors[1]
     assert "is not a number: 'nan'" in errors[2]
     assert "at most 4 vectors" in errors[3]

@@ -50,7 +50,7 @@ def test_untouched_and_null():
     ({"vllm_xargs": {"icv_resolved": "a@x:1"}}, "vllm_xargs", "'icv_resolved' is reserved"),
     ({"vllm_xargs": {"icv_capture": "x"}}, "vllm_xargs", "'icv_capture' is reserved"),
     ({"vllm_xargs": {"icv_ticket": "x"}, "icv": "a:1"}, "vllm_xargs", "'icv_ticket' is reserved"),
-    ({"icv": "a"}, "icv", "invalid icv"),
+    ({"icv": "a;layers=x"}, "icv", "invalid icv"),
     ({"vllm_xargs": {"icv": "a:x"}}, "icv", "invalid vllm_xargs.icv"),
     ({"icv": "a:1", "use_beam_search": True}, "use_beam_search", "use_beam_search"),
     ({"vllm_xargs": {"icv": "a:1"}, "use_beam_search": True}, "use_beam_search", "use_beam_search"),
