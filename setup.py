@@ -27,13 +27,16 @@ setup(
     package_dir={"icv_vllm.kernels": "kernels"},
     package_data={"icv_vllm": ["data/*.txt"]},  # icv-vllm tune's default neutral prompts
     # The CPU kernel: plain C against Python's headers (no torch headers, a
-    # one-second build). optional: without a C compiler the install still
-    # succeeds and the plugin uses the torch path.
+    # one-second build), with OpenMP: at run time it binds to the libgomp.so.1
+    # torch has already loaded (same soname), so torch's threads serve both.
+    # optional: without a C compiler the install still succeeds and the plugin
+    # uses the torch path (tests/kernels/test_icv_shift_cpu.py flags that).
     ext_modules=[
         Extension(
             "icv_vllm.kernels._icv_shift_cpu",
             ["kernels/icv_shift_cpu.c"],
-            extra_compile_args=["-O3", "-fno-math-errno", "-Wno-psabi"],
+            extra_compile_args=["-O3", "-fno-math-errno", "-Wno-psabi", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
             optional=True,
         )
     ],

@@ -113,9 +113,11 @@ def bench_cpu(lines):
     allocator = next((a for a in ("tcmalloc", "jemalloc") if a in preload), "glibc malloc")
     lines += [f"## CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
               f"{allocator}, one vector per request", "",
-              "| dtype | T | D | vectors | requests | C ms | torch ms | per-request loop ms "
-              "| **C vs torch** | C vs loop |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              f"C kernel threads: {cpu_kernel.THREADS_NOTE if cpu_kernel.AVAILABLE else 'n/a'}; it splits a call "
+              f"over threads from T x D >= {getattr(cpu_kernel._ext, 'MIN_PARALLEL_ELEMENTS', 'n/a')}", "",
+              "| dtype | T | D | vectors | requests | C ms (1 thread) | C ms (all) | torch ms | per-request loop ms "
+              "| **C vs torch** | C vs loop | all threads vs 1 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     if not cpu_kernel.AVAILABLE:
         lines.insert(-3, "C kernel not built here (no C compiler at install): its columns say n/a.\n")
     for dtype in (torch.float32, torch.bfloat16):
@@ -133,12 +135,20 @@ def bench_cpu(lines):
                 # timed runs shift `hidden` again and again (norms are kept: no drift in cost)
                 t_torch = cpu_time(lambda: icv_shift_torch(hidden, *args))
                 t_loop = cpu_time(lambda: per_request_loop(hidden, *args))
-                cells = ["n/a"] * 3
+                cells = ["n/a"] * 5
                 if cpu_kernel.AVAILABLE:
                     t_c = cpu_time(lambda: icv_shift_cpu(hidden, *args))
-                    cells = [f"{t_c * 1e3:.3f}", f"**{t_torch / t_c:.1f}x**", f"{t_loop / t_c:.1f}x"]
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)
+                    try:
+                        t_c1 = cpu_time(lambda: icv_shift_cpu(hidden, *args))
+                    finally:
+                        torch.set_num_threads(threads)
+                    cells = [f"{t_c1 * 1e3:.3f}", f"{t_c * 1e3:.3f}", f"**{t_torch / t_c:.1f}x**",
+                             f"{t_loop / t_c:.1f}x", f"{t_c1 / t_c:.2f}x"]
                 lines.append(f"| {str(dtype)[6:]} | {T} | {D} | {n_vectors} | {slots.shape[0]} | {cells[0]} | "
-                             f"{t_torch * 1e3:.3f} | {t_loop * 1e3:.3f} | {cells[1]} | {cells[2]} |")
+                             f"{cells[1]} | {t_torch * 1e3:.3f} | {t_loop * 1e3:.3f} | {cells[2]} | {cells[3]} | "
+                             f"{cells[4]} |")
     hidden, rows, slots, scales, layer_bits, bank, layer = make_batch(2048, 4096, 1, torch.bfloat16, "cpu")
     rows.fill_(-1)
     t_idle = cpu_time(lambda: icv_shift_torch(hidden, rows, slots, scales, layer_bits, bank, layer))

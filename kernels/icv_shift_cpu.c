@@ -24,7 +24,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #define EPS 1e-12f
+/* T x D from which a call splits its tokens over threads (~64 tokens at D = 4096) */
+#define MIN_PARALLEL_ELEMENTS (1 << 18)
 #define ICV_COLUMNS 4
 #define ADD_COLUMNS 4
 #define ENTRIES (ICV_COLUMNS + ADD_COLUMNS)
@@ -229,16 +235,17 @@ static void shift_token(void *row, int dtype, Py_ssize_t D, float *x, const floa
 /* shift(hidden, num_tokens, dim, row_stride, dtype, token_rows, entry_slots,
  *       slots_stride, entry_scales, scales_stride, entry_layer_bits,
  *       bits_row_stride, bits_entry_stride, bit_words, num_rows, bank,
- *       num_slots, num_layers, layer) -- pointers as integers, strides in
- * elements. Returns the number of tokens shifted. */
+ *       num_slots, num_layers, layer, threads) -- pointers as integers,
+ * strides in elements. Returns the number of tokens shifted. */
 static PyObject *shift(PyObject *self, PyObject *args) {
     unsigned long long hidden_p, rows_p, slots_p, scales_p, bits_p, bank_p;
     Py_ssize_t T, D, row_stride, slots_stride, scales_stride, bits_row_stride, bits_entry_stride, bit_words,
-        num_rows, num_slots, num_layers, layer;
+        num_rows, num_slots, num_layers, layer, threads;
     int dtype;
-    if (!PyArg_ParseTuple(args, "KnnniKKnKnKnnnnKnnn", &hidden_p, &T, &D, &row_stride, &dtype, &rows_p,
+    if (!PyArg_ParseTuple(args, "KnnniKKnKnKnnnnKnnnn", &hidden_p, &T, &D, &row_stride, &dtype, &rows_p,
                           &slots_p, &slots_stride, &scales_p, &scales_stride, &bits_p, &bits_row_stride,
-                          &bits_entry_stride, &bit_words, &num_rows, &bank_p, &num_slots, &num_layers, &layer))
+                          &bits_entry_stride, &bit_words, &num_rows, &bank_p, &num_slots, &num_layers, &layer,
+                          &threads))
         return NULL;
     if (dtype != DTYPE_FLOAT32 && dtype != DTYPE_BFLOAT16 && !(dtype == DTYPE_FLOAT16 && HAVE_FLOAT16)) {
         PyErr_Format(PyExc_ValueError, "icv_shift_cpu: unsupported dtype code %d", dtype);
@@ -282,10 +289,18 @@ static PyObject *shift(PyObject *self, PyObject *args) {
                      bad_token, bad_row, num_rows);
         return NULL;
     }
-    float *scratch = malloc((size_t)D * sizeof(float));
+    /* threads: the caller passes torch's intra-op thread count; the OpenMP
+     * runtime is torch's own (same soname, loaded by torch first; see
+     * icv_shift_cpu.py). Small steps stay on one thread: a parallel region
+     * costs a few microseconds. */
+    int nthreads = threads > 1 && (size_t)T * (size_t)D >= MIN_PARALLEL_ELEMENTS ? (int)threads : 1;
+    float *scratch = malloc((size_t)nthreads * (size_t)D * sizeof(float));
     if (scratch == NULL) return PyErr_NoMemory();
     Py_ssize_t shifted = 0;
     Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : shifted) if (nthreads > 1)
+#endif
     for (Py_ssize_t t = 0; t < T; t++) {
         int32_t r = rows[t];
         if (r < 0) continue;
@@ -300,7 +315,12 @@ static PyObject *shift(PyObject *self, PyObject *args) {
             lam[n] = scales[r * scales_stride + e];
         }
         if (K + A == 0) continue;
-        shift_token(hidden + (size_t)t * row_stride * elem, dtype, D, scratch, v, lam, K, v + ICV_COLUMNS,
+#ifdef _OPENMP
+        float *x = scratch + (size_t)omp_get_thread_num() * D;
+#else
+        float *x = scratch;
+#endif
+        shift_token(hidden + (size_t)t * row_stride * elem, dtype, D, x, v, lam, K, v + ICV_COLUMNS,
                     lam + ICV_COLUMNS, A);
         shifted++;
     }
@@ -318,7 +338,18 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_icv_shift_cpu", NUL
 
 PyMODINIT_FUNC PyInit__icv_shift_cpu(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "HAVE_FLOAT16", HAVE_FLOAT16) < 0) {
+#ifdef _OPENMP
+    const int have_openmp = 1;
+    /* where this module's OpenMP calls go: compared in Python with torch's */
+    const unsigned long long omp_entry = (unsigned long long)(uintptr_t)&omp_get_max_threads;
+#else
+    const int have_openmp = 0;
+    const unsigned long long omp_entry = 0;
+#endif
+    if (m != NULL && (PyModule_AddIntConstant(m, "HAVE_FLOAT16", HAVE_FLOAT16) < 0 ||
+                      PyModule_AddIntConstant(m, "HAVE_OPENMP", have_openmp) < 0 ||
+                      PyModule_AddIntConstant(m, "MIN_PARALLEL_ELEMENTS", MIN_PARALLEL_ELEMENTS) < 0 ||
+                      PyModule_AddObject(m, "OMP_ENTRY", PyLong_FromUnsignedLongLong(omp_entry)) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -7,10 +7,20 @@ step needs no planning and a layer costs one call instead of ~15 torch ops
 extension was not built (no C compiler at install) or is switched off with
 ``ICV_VLLM_CPU_KERNEL=0`` (to compare, or to test the fallback): callers then
 use the torch path, which computes the same thing.
+
+Threads: a call large enough to gain (``MIN_PARALLEL_ELEMENTS``) splits its
+tokens over ``torch.get_num_threads()`` threads (vLLM's CPU worker sets that
+to its cores) with OpenMP. The extension needs ``libgomp.so.1``, which torch
+has already loaded (torch is imported first), so both use one runtime and
+one pool: checked at import by comparing where the extension's
+``omp_get_max_threads`` and torch's resolve. If they differ (a torch built
+with another OpenMP), the kernel stays on one thread rather than let two
+pools fight over the cores; ``THREADS_NOTE`` says so, and the worker logs it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -30,6 +40,24 @@ AVAILABLE = _ext is not None
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 if _ext is not None and _ext.HAVE_FLOAT16:
     _DTYPE_CODES[torch.float16] = 2
+
+
+def torch_omp_entry() -> int | None:
+    """Address ``omp_get_max_threads`` has for torch's CPU library (None: not found)."""
+    library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        return ctypes.cast(ctypes.CDLL(library).omp_get_max_threads, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+if _ext is None or not _ext.HAVE_OPENMP:
+    THREADED, THREADS_NOTE = False, "one thread (built without OpenMP)"
+elif torch_omp_entry() != _ext.OMP_ENTRY:
+    THREADED, THREADS_NOTE = False, ("one thread: its OpenMP runtime is not torch's, and two thread pools "
+                                     "would fight over the cores")
+else:
+    THREADED, THREADS_NOTE = True, "torch's intra-op threads (OpenMP)"
 
 
 def supports(hidden: torch.Tensor) -> bool:
@@ -77,7 +105,8 @@ class BoundTables:
                              f"got {bank.dtype} {tuple(bank.shape)}")
         if T:
             _ext.shift(hidden.data_ptr(), T, D, hidden.stride(0), _DTYPE_CODES[hidden.dtype], *self._tables,
-                       bank.data_ptr(), bank.shape[0], bank.shape[1], layer)
+                       bank.data_ptr(), bank.shape[0], bank.shape[1], layer,
+                       torch.get_num_threads() if THREADED else 1)
         return True
 
 

@@ -9,6 +9,7 @@ with either wheel.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from importlib.metadata import entry_points
@@ -16,6 +17,9 @@ from pathlib import Path
 
 PLUGIN_GROUP = "vllm.general_plugins"
 PLUGIN_NAME = "icv_vllm"
+AOT_COMPILE_ENV = "VLLM_USE_AOT_COMPILE"
+
+logger = logging.getLogger("vllm.icv_vllm.server")
 
 
 class ServeError(ValueError):
@@ -66,6 +70,34 @@ def _check_supported(args) -> None:
                          f"{PLUGIN_GROUP}); install icv-vllm with pip (pip install -e .)")
 
 
+def _default_compile_cache(environ=os.environ, on_cpu=None) -> str | None:
+    """On the CPU, set VLLM_USE_AOT_COMPILE=0 unless the user set it; returns
+    the line to log when it was set, else None.
+
+    Why: vLLM 0.32 on the CPU compiles in DYNAMO_TRACE_ONCE mode with torch's
+    inductor backend, whose AOT artifact loads back as a plain function, and
+    vLLM's loader (compilation/decorators.py _try_load_aot_compiled_fn) then
+    calls ``.finalize_loading`` on it, fails and recompiles at every start.
+    With AOT compile off, Dynamo traces afresh at each start (so the graph
+    always matches the code, plugin and config in use) and inductor reuses its
+    own FX graph/AOTAutograd caches (TORCHINDUCTOR_CACHE_DIR), keyed on the
+    traced graph, torch version and inductor config. Engine processes inherit
+    the environment; plain vLLM processes are not touched.
+    """
+    if AOT_COMPILE_ENV in environ:
+        return None  # the user's choice
+    if on_cpu is None:
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+    if not on_cpu:
+        return None  # elsewhere vLLM compiles with its own backend, whose AOT load path differs
+    environ[AOT_COMPILE_ENV] = "0"
+    return (f"{AOT_COMPILE_ENV}=0 (set by icv-vllm serve; export {AOT_COMPILE_ENV}=1 to "
+            "override): vLLM's AOT compile cache fails to load on the CPU and recompiles at "
+            "every start; without it, inductor's compile cache makes restarts reuse compiled code")
+
+
 def build_parser():
     from ..server import vllm_hooks as hooks
 
@@ -96,6 +128,9 @@ def main(argv: list[str]) -> int:
         runtime_updates_allowed()  # a bad value fails now, not at the first request
         hooks.VALIDATE_ARGS.get()(args)
         hooks.CONFIGURE_LOGGING.get()(args)
+        compile_note = _default_compile_cache()
+        if compile_note:
+            logger.info(compile_note)
         from ..server.app import patch_vllm_app
 
         patch_vllm_app()

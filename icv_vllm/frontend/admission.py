@@ -35,7 +35,12 @@ MAX_PENDING_TICKETS = 65536
 
 
 class AdmissionError(ValueError):
-    """A selection that cannot be served; ``str()`` is the client's message."""
+    """A selection that cannot be served; ``str()`` is the client's message,
+    ``reason`` one of ``metrics.REFUSAL_REASONS`` (the metrics' label)."""
+
+    def __init__(self, message: str, reason: str = "other"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class _OneUseTokens:
@@ -107,26 +112,26 @@ class Admission:
             try:
                 choices = parse_spec(spec)
             except ICVSpecError as e:
-                raise AdmissionError(f"invalid icv: {e}") from None
+                raise AdmissionError(f"invalid icv: {e}", "invalid_selection") from None
         config = self._require_config()
         if family_of(self._architectures) is None:
             raise AdmissionError(
                 f"in-context vectors are not supported for {', '.join(self._architectures) or 'this model'}; "
-                f"supported: {', '.join(supported_architectures())}")
+                f"supported: {', '.join(supported_architectures())}", "unsupported_model")
         resolved = tuple(self._resolve_choice(config, c) for c in choices)
         distinct = len({c.digest for c in resolved})
         if self._slot_budget is not None and distinct > self._slot_budget:
             raise AdmissionError(
                 f"the selection needs {distinct} distinct vectors at once, but the server holds at most "
-                f"{self._slot_budget} (max_slots)")
+                f"{self._slot_budget} (max_slots)", "too_many_vectors")
         return format_resolved(resolved)
 
     def _require_config(self) -> PluginConfig:
         if self._config_error is not None:
-            raise AdmissionError(f"icv-vllm is misconfigured: {self._config_error}")
+            raise AdmissionError(f"icv-vllm is misconfigured: {self._config_error}", "not_configured")
         if self._config is None or self._config.vector_dir is None:
             raise AdmissionError(f"steering is not configured on this server: no vector directory. "
-                                 f"To turn it on, {HOW_TO_CONFIGURE}")
+                                 f"To turn it on, {HOW_TO_CONFIGURE}", "not_configured")
         return self._config
 
     def _resolve_choice(self, config: PluginConfig, choice: VectorChoice) -> ResolvedChoice:
@@ -136,7 +141,7 @@ class Admission:
         num_layers = self._shape[0]
         if choice.layers is not None and choice.layers[-1] >= num_layers:
             raise AdmissionError(f"layers of {name!r} name layer {choice.layers[-1]}, but the served model "
-                                 f"has {num_layers} decoder layers (0-{num_layers - 1})")
+                                 f"has {num_layers} decoder layers (0-{num_layers - 1})", "invalid_selection")
         layers = None if choice.layers == tuple(range(num_layers)) else choice.layers  # canonical: all = None
         digest, header = self._pin(config, name)
         scale = choice.scale
@@ -144,7 +149,8 @@ class Admission:
             if header.recommended_scale is None:
                 raise AdmissionError(
                     f"vector {name!r} has no recommended scale: give one (e.g. {name}:0.02) or run "
-                    f"`icv-vllm tune --vector {name}` to store a recommendation in the file")
+                    f"`icv-vllm tune --vector {name}` to store a recommendation in the file",
+                    "no_recommended_scale")
             scale = header.recommended_scale
         return ResolvedChoice(name, digest, scale, layers, choice.positions,
                               choice.mode or header.default_mode)
@@ -155,12 +161,12 @@ class Admission:
         try:
             data = read_vector(directory, name, self._shape[0], self._max_bytes)
         except ICVSpecError as e:
-            raise AdmissionError(str(e)) from None
+            raise AdmissionError(str(e), "invalid_selection") from None
         except FileNotFoundError:
             known = ", ".join(known_names(directory)) or "none"
-            raise AdmissionError(f"unknown vector {name!r}; known vectors: {known}") from None
+            raise AdmissionError(f"unknown vector {name!r}; known vectors: {known}", "unknown_vector") from None
         except ICVFileError as e:
-            raise AdmissionError(f"vector {name!r} cannot be used: {_hide(str(e), directory)}") from None
+            raise AdmissionError(f"vector {name!r} cannot be used: {_hide(str(e), directory)}", "bad_file") from None
         digest = pinned_store.content_digest(data)
         with self._lock:
             header = self._pinned.get(digest)
@@ -170,9 +176,10 @@ class Admission:
                                              check=lambda tensor, header: self._check_shape(name, header))
             except ICVFileError as e:
                 raise AdmissionError(f"vector {name!r} cannot be used: "
-                                     f"{_hide(str(e), config.pin_dir, name + '.safetensors')}") from None
+                                     f"{_hide(str(e), config.pin_dir, name + '.safetensors')}", "bad_file") from None
             except OSError as e:
-                raise AdmissionError(f"vector {name!r} cannot be pinned for serving: {e.strerror or e}") from None
+                raise AdmissionError(f"vector {name!r} cannot be pinned for serving: {e.strerror or e}",
+                                     "pin_failed") from None
             with self._lock:
                 self._pinned[digest] = header
         return digest, header
@@ -182,7 +189,7 @@ class Admission:
         if shape != self._shape:
             raise AdmissionError(
                 f"vector {name!r} has {shape[0]} layers x {shape[1]} hidden size, but the "
-                f"served model {self._model_name} has {self._shape[0]} x {self._shape[1]}")
+                f"served model {self._model_name} has {self._shape[0]} x {self._shape[1]}", "shape_mismatch")
 
     # -- a request's extra_args ------------------------------------------------------
     def admit(self, extra_args: dict | None) -> dict | None:
@@ -190,15 +197,15 @@ class Admission:
         if not extra_args:
             return extra_args
         if RESOLVED_EXTRA_ARGS_KEY in extra_args:
-            raise AdmissionError(f"extra_args key {RESOLVED_EXTRA_ARGS_KEY!r} is reserved")
+            raise AdmissionError(f"extra_args key {RESOLVED_EXTRA_ARGS_KEY!r} is reserved", "reserved_key")
         out = dict(extra_args)
         if CAPTURE_EXTRA_ARGS_KEY in out and CAPTURE_IDS.take(out[CAPTURE_EXTRA_ARGS_KEY]) is None:
-            raise AdmissionError(f"extra_args key {CAPTURE_EXTRA_ARGS_KEY!r} is reserved")
+            raise AdmissionError(f"extra_args key {CAPTURE_EXTRA_ARGS_KEY!r} is reserved", "reserved_key")
         ticket = out.pop(ADMISSION_TICKET_KEY, None)
         if ticket is not None:
             admitted = TICKETS.take(ticket)
             if admitted is None or admitted[0] != out.get(EXTRA_ARGS_KEY):
-                raise AdmissionError(f"extra_args key {ADMISSION_TICKET_KEY!r} is reserved")
+                raise AdmissionError(f"extra_args key {ADMISSION_TICKET_KEY!r} is reserved", "reserved_key")
             out[RESOLVED_EXTRA_ARGS_KEY] = admitted[1]
             return out
         if EXTRA_ARGS_KEY not in out:

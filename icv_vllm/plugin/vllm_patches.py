@@ -12,7 +12,11 @@ nothing.
 
 Inert unless configured: every wrapper first asks ``steering_enabled`` and,
 without a vector directory, calls vLLM's original and nothing else; no
-environment variable is changed, no layer class swapped, no kernel launched.
+environment variable is changed, no layer class swapped, no kernel launched,
+no metric created. One change is made at import time, because it cannot wait
+for the configuration: ``SCHED_STATS_FIELD`` (see there), and only where the
+vector directory is in the environment (``ICV_VLLM_DIR``, which
+``icv-vllm serve`` exports to every process it starts).
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable
 
-from ..config import steering_enabled
+from ..config import ENV_DIR, steering_enabled
 from .import_hooks import when_imported
 
 logger = logging.getLogger("vllm.icv_vllm")
@@ -103,9 +108,27 @@ BATCH_CONDENSE = PatchPoint(_BATCH, "InputBatch.condense", ("self",),
                             "follow requests that condense moves into emptied rows")
 WORKER_BASE = PatchPoint("vllm.v1.worker.worker_base", "WorkerBase", (),
                          "add the icv_take_captures method that collective_rpc calls by name")
+SCHED_STATS_FIELD = PatchPoint(
+    "vllm.v1.metrics.stats", "SchedulerStats", (),
+    "carry the engine core's icv counts (metrics.EngineCounts) to the front end with vLLM's scheduler "
+    "stats: a dataclass field `icv_vllm: dict[str, int] | None = None` (init=False, so vLLM's constructor "
+    "and dataclasses.replace are unchanged). vLLM's msgpack encoder sends a dataclass's declared fields "
+    "only, and msgspec fixes them on first use, before vLLM's config is seen, so the field is added on "
+    "import, and only where ICV_VLLM_DIR is set (every process icv-vllm serve starts inherits it; a "
+    "plain vLLM process, or one configured only through additional_config, is left unchanged and "
+    "exports no engine-core icv metrics)")
+SCHED_MAKE_STATS = PatchPoint(_SCHED, "Scheduler.make_stats", ("self",),
+                              "attach the engine core's icv counts since the previous stats (steered tokens, "
+                              "contents shipped/dropped, load failures; contents held, slots in use)")
+PROMETHEUS_RECORD = PatchPoint(
+    "vllm.v1.metrics.loggers", "PrometheusStatLogger.record",
+    ("self", "scheduler_stats", "iteration_stats", "mm_cache_stats", "engine_idx"),
+    "turn the engine core's icv counts into icv_vllm_ metrics where vLLM records its own per-engine "
+    "metrics for /metrics")
 ALL_PATCH_POINTS = (LOAD_MODEL_GPU, LOAD_MODEL_CPU, PREPARE_INPUTS, PROCESS_INPUTS, BLOCK_HASH_KEYS,
                     SCHED_ADD_REQUEST, SCHED_SCHEDULE, SCHED_BLOCKED_WAITING, V2_UNSUPPORTED,
-                    BATCH_ADD, BATCH_REMOVE, BATCH_SWAP, BATCH_CONDENSE, WORKER_BASE)
+                    BATCH_ADD, BATCH_REMOVE, BATCH_SWAP, BATCH_CONDENSE, WORKER_BASE,
+                    SCHED_STATS_FIELD, SCHED_MAKE_STATS, PROMETHEUS_RECORD)
 
 # -- attributes read --------------------------------------------------------------------
 _R = "vllm.v1.worker.gpu_model_runner.GPUModelRunner"
@@ -115,6 +138,8 @@ RUNNER_READS = (
     AttributeRead(_R, "get_model", "find the loaded model's decoder layers"),
     AttributeRead(_R, "vllm_config.parallel_config.tensor_parallel_size",
                   "refuse families whose feed-forward output no rank holds under tensor parallelism"),
+    AttributeRead(_R, "vllm_config.parallel_config.pipeline_parallel_size",
+                  "steer only the decoder layers of this worker's pipeline stage"),
     AttributeRead(_R, "model_config.hf_text_config.num_hidden_layers", "size the vector bank"),
     AttributeRead(_R, "model_config.hf_text_config.hidden_size", "size the vector bank"),
     AttributeRead(_R, "model_config.architectures", "find the model family's decoder layers"),
@@ -142,6 +167,12 @@ REQUEST_STATE_READS = (  # vllm.v1.worker.gpu_input_batch.CachedRequestState
     AttributeRead("vllm.v1.worker.gpu_input_batch.CachedRequestState", "prompt_token_ids",
                   "embed a capture request's last prompt token"),
 )
+PIPELINE_READS = (  # only with --pipeline-parallel-size > 1: (get_pp_group, .rank_in_group, get_pp_indices)
+    AttributeRead("vllm.distributed", "get_pp_group", "find this worker's pipeline stage"),
+    AttributeRead("vllm.distributed.GroupCoordinator", "rank_in_group", "this worker's pipeline stage"),
+    AttributeRead("vllm.distributed.utils", "get_pp_indices",
+                  "the decoder layers vLLM gives this stage (the others are PPMissingLayer here)"),
+)
 MODEL_READS = (
     AttributeRead("vllm model (e.g. LlamaForCausalLM)", "embed_input_ids",
                   "embed the captured token for in-server extraction"),
@@ -159,9 +190,16 @@ ENGINE_REQUEST_READS = (  # vllm.v1.request.Request
     AttributeRead("vllm.v1.request.Request", "num_prompt_tokens",
                   "tell prompt blocks from blocks holding generated tokens in prefix-cache keys"),
 )
+ENGINE_REQUEST_COUNT_READS = (  # vllm.v1.request.Request, in the scheduler (metrics)
+    AttributeRead("vllm.v1.request.Request", "num_computed_tokens",
+                  "split a step's steered tokens into prompt and generated ones (schedule() has already "
+                  "advanced it past the step)"),
+)
 SCHEDULER_OUTPUT_READS = (
     AttributeRead("vllm.v1.core.sched.output.SchedulerOutput", "total_num_scheduled_tokens",
                   "ship contents only with steps the workers prepare"),
+    AttributeRead("vllm.v1.core.sched.output.SchedulerOutput", "num_scheduled_tokens",
+                  "count the steered tokens and distinct vectors of a step (metrics)"),
 )
 FRONTEND_READS = (
     AttributeRead("vllm.v1.engine.input_processor.InputProcessor", "vllm_config", "read settings and the model"),
@@ -250,6 +288,13 @@ def _admit_process_inputs(original):
         request = original(self, request_id, prompt, params, *args, **kwargs)
         if admitted is not extra and request.sampling_params is not None:
             request.sampling_params.extra_args = admitted
+            from ..protocol import RESOLVED_EXTRA_ARGS_KEY
+
+            resolved = admitted.get(RESOLVED_EXTRA_ARGS_KEY) if admitted else None
+            if resolved:  # only an admitted selection carries one: steering is configured
+                from .. import metrics
+
+                metrics.record_admitted(resolved)
         return request
     return process_inputs
 
@@ -279,6 +324,10 @@ class _FrontEndAdmission:
         try:
             return self._admission.admit(extra)
         except AdmissionError as e:
+            if self.enabled:  # unconfigured, no metric is created
+                from .. import metrics
+
+                metrics.record_refusal(e.reason)
             raise VLLMValidationError(str(e), parameter=EXTRA_ARGS_KEY) from None
 
 
@@ -329,6 +378,7 @@ def _after_add_request(original):
         state = _scheduling(self)
         if state is not None:
             check_reads_once(request, ENGINE_REQUEST_READS)
+            check_reads_once(request, ENGINE_REQUEST_COUNT_READS)
             state.on_add(request)
         return result
     return add_request
@@ -355,6 +405,52 @@ def _gate_waiting_request(original):
             return ready
         return state.may_schedule(self, request)
     return _handle_blocked_waiting_request
+
+
+def _with_icv_stats(original):
+    def make_stats(self, *args, **kwargs):
+        stats = original(self, *args, **kwargs)
+        if stats is not None:  # None: vLLM does not log stats (--disable-log-stats)
+            state = _scheduling(self)
+            from ..metrics import STATS_FIELD
+
+            if state is not None and STATS_FIELD in getattr(type(stats), "__dataclass_fields__", ()):
+                setattr(stats, STATS_FIELD, state.counts.take())
+        return stats
+    return make_stats
+
+
+def _record_icv_stats(original):
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0, *args, **kwargs):
+        result = original(self, scheduler_stats, iteration_stats, mm_cache_stats, engine_idx, *args, **kwargs)
+        from ..metrics import STATS_FIELD
+
+        counts = getattr(scheduler_stats, STATS_FIELD, None)  # None: steering is off in that engine
+        if counts:
+            from ..metrics import record_engine_counts
+
+            record_engine_counts(counts, engine_idx)
+        return result
+    return record
+
+
+def _add_stats_field(module: ModuleType) -> None:
+    import dataclasses
+
+    from ..metrics import STATS_FIELD
+
+    _, _, cls = _lookup(module, SCHED_STATS_FIELD)
+    fields = getattr(cls, "__dataclass_fields__", None)
+    if fields is None or not hasattr(dataclasses, "_FIELD"):
+        raise VLLMChangedError(f"{SCHED_STATS_FIELD.module}.SchedulerStats is no longer a dataclass (icv-vllm "
+                               f"read vllm {VLLM_VERSION_READ}); it is needed to {SCHED_STATS_FIELD.why}")
+    if STATS_FIELD in fields or not os.environ.get(ENV_DIR):
+        return
+    field = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    field.name, field.type, field._field_type = STATS_FIELD, "dict[str, int] | None", dataclasses._FIELD
+    fields[STATS_FIELD] = field
+    cls.__annotations__[STATS_FIELD] = dict[str, int] | None
+    setattr(cls, STATS_FIELD, None)
 
 
 def _v1_runner_for_icv(original):
@@ -452,3 +548,6 @@ def install() -> None:
     _wrap(BATCH_SWAP, _batch_swap)
     _wrap(BATCH_CONDENSE, _batch_condense)
     when_imported(WORKER_BASE.module, _add_worker_rpc)
+    when_imported(SCHED_STATS_FIELD.module, _add_stats_field)
+    _wrap(SCHED_MAKE_STATS, _with_icv_stats)
+    _wrap(PROMETHEUS_RECORD, _record_icv_stats)

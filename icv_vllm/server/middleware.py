@@ -32,6 +32,7 @@ from typing import Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import metrics
 from ..protocol import ADMISSION_TICKET_KEY
 from .abandon import CLEANUP_S, StopSignal
 from .errors import ICVHTTPError, error_response
@@ -75,6 +76,7 @@ class ICVRequestMiddleware:
                 _check_elsewhere(body, path)
                 new_body = None
         except ICVHTTPError as e:
+            metrics.record_refusal(metrics.refusal_reason(e, route_serves_vectors=generate))
             return await error_response(e.status, e.message, e.param)(scope, receive, send)
         if new_body is not None:
             scope = dict(scope)

@@ -17,8 +17,10 @@ MAX_PENDING_CAPTURES = 4096
 
 
 class CaptureRecorder:
-    def __init__(self, num_layers: int, embed: Callable[[torch.Tensor], torch.Tensor], device: torch.device):
+    def __init__(self, num_layers: int, embed: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                 held_layers=None):
         self._num_layers = num_layers
+        self._held = list(range(num_layers) if held_layers is None else held_layers)
         self._embed = embed
         self._device = device
         self._captures: OrderedDict[str, dict] = OrderedDict()
@@ -40,6 +42,11 @@ class CaptureRecorder:
         """Pop finished captures as {id: [[embedding], [layer 0], ...]} rows
         (plain lists: they cross process boundaries through vLLM's RPC)."""
         out: dict[str, Any] = {}
+        if len(self._held) != self._num_layers:
+            raise RuntimeError(
+                f"in-server extraction needs every decoder layer in one worker; this worker runs layers "
+                f"{self._held[0]}-{self._held[-1]} of {self._num_layers} (pipeline parallelism): extract "
+                "offline with `icv-vllm extract` and copy the file into the vector directory")
         for capture_id in capture_ids:
             entry = self._captures.pop(capture_id, None)
             missing = None if entry is None else [l for l in range(self._num_layers) if l not in entry["layers"]]

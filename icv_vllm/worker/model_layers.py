@@ -95,9 +95,12 @@ def _wrap_forward(module: nn.Module, after, cache: dict, prefix: str, kind: str)
     module.__class__ = cache[(base, kind)]
 
 
-def install_steering(model: nn.Module, family: ModelFamily, num_layers: int) -> list[int]:
+def install_steering(model: nn.Module, family: ModelFamily, num_layers: int,
+                     expected: range | None = None) -> list[int]:
     """Wrap every decoder layer of ``model`` and its feed-forward block;
-    raises unless exactly layers 0..num_layers-1 were found."""
+    raises unless exactly the ``expected`` layers (default 0..num_layers-1;
+    a pipeline stage holds a range of them) were found."""
+    expected = range(num_layers) if expected is None else expected
     from . import steering_op  # noqa: F401  (registers the ops)
 
     indices = []
@@ -123,9 +126,9 @@ def install_steering(model: nn.Module, family: ModelFamily, num_layers: int) -> 
         _wrap_forward(module, _observe, _observed, "Observed", family.stream)
         indices.append(index)
     indices.sort()
-    if indices != list(range(num_layers)):
+    if indices != list(expected):
         raise UnsupportedModelError(
             f"{type(model).__name__} ({family.architecture}): found steerable layers {indices}, "
-            f"expected 0..{num_layers - 1} of classes {family.layer_classes}; vLLM changed this model "
-            "(icv-vllm read vllm 0.32.0)")
+            f"expected {expected.start}..{expected.stop - 1} of classes {family.layer_classes}; vLLM "
+            "changed this model (icv-vllm read vllm 0.32.0)")
     return indices

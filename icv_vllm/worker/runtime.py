@@ -16,7 +16,7 @@ import torch
 
 from ..config import plugin_config
 from ..model_families import family_of
-from ..plugin.vllm_patches import MODEL_READS, REQUEST_STATE_READS, check_reads
+from ..plugin.vllm_patches import MODEL_READS, PIPELINE_READS, REQUEST_STATE_READS, check_reads
 from ..protocol import ENTRY_COLUMNS, STEP_VECTORS_ATTR
 from .captures import CaptureRecorder
 from .shift import DESCRIPTIONS, choose_shift
@@ -60,13 +60,13 @@ class SteeringRuntime:
                 f"parallelism ({tensor_parallel} ranks): its feed-forward output is only summed across "
                 "ranks together with the attention output, so no rank holds it. Run it with "
                 "--tensor-parallel-size 1, or without a vector directory")
-        self.layers = install_steering(model, family, num_layers)
+        self.layers = install_steering(model, family, num_layers, _layers_of_this_rank(runner, num_layers))
         check_reads(model, MODEL_READS)
         device = torch.device(runner.device)
         self.build(VectorBank(config.max_slots, num_layers, int(text_config.hidden_size), device,
                               growable=not config.bank_is_fixed(device.type)),
                    StepMetadata(runner.max_num_tokens, runner.max_num_reqs, num_layers, device), model_config.dtype,
-                   CaptureRecorder(num_layers, model.embed_input_ids, device))
+                   CaptureRecorder(num_layers, model.embed_input_ids, device, held_layers=self.layers))
         logger.info("icv: steering %d decoder layers of %s; %s bank of %d vector slots; shift by %s",
                     len(self.layers), type(model).__name__, "growable" if self.bank.growable else "fixed",
                     self.bank.capacity, DESCRIPTIONS[self.shift_path])
@@ -161,6 +161,20 @@ class SteeringRuntime:
         if not self.ready:
             raise RuntimeError("icv: steering is not set up in this worker (no vector directory configured)")
         return self.captures.take(capture_ids)
+
+
+def _layers_of_this_rank(runner: Any, num_layers: int) -> range:
+    """The decoder layers this worker runs: all of them, or its pipeline
+    stage's share (vLLM's own split, ``get_pp_indices``)."""
+    stages = int(runner.vllm_config.parallel_config.pipeline_parallel_size)
+    if stages == 1:
+        return range(num_layers)
+    import vllm.distributed as distributed
+    import vllm.distributed.utils as distributed_utils
+
+    rank = int(PIPELINE_READS[1].get(PIPELINE_READS[0].get(distributed)()))
+    start, end = PIPELINE_READS[2].get(distributed_utils)(num_layers, rank, stages)
+    return range(start, end)
 
 
 RUNTIME = SteeringRuntime()

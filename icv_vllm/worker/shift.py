@@ -15,7 +15,7 @@ from .step_metadata import StepMetadata
 
 DESCRIPTIONS = {
     "triton": "the Triton kernel",
-    "c": "the C kernel",
+    "c": f"the C kernel on {cpu_kernel.THREADS_NOTE}",
     "torch": "torch ops (the C kernel is off: not built for lack of a C compiler, "
              "ICV_VLLM_CPU_KERNEL=0, or the model's dtype is not one it takes)",
 }

@@ -128,7 +128,7 @@ def test_portable_build_matches_too(tmp_path):
         out = hidden.clone()
         portable.shift(out.data_ptr(), 40, 576, 576, cpu_kernel._DTYPE_CODES[dtype], rows.data_ptr(),
                        slots.data_ptr(), 8, scales.data_ptr(), 8, layer_bits.data_ptr(), 8, 1, 1, len(slots),
-                       bank.data_ptr(), bank.shape[0], bank.shape[1], layer)
+                       bank.data_ptr(), bank.shape[0], bank.shape[1], layer, 1)
         expected = hidden.clone()
         icv_shift_torch(expected, rows, slots, scales, layer_bits, bank, layer)
         torch.testing.assert_close(out, expected, **TOL[dtype])
@@ -173,3 +173,25 @@ def test_layer_in_a_later_bit_word(dtype):
     torch_out = case[0].clone()
     icv_shift_torch(torch_out, *case[1:])
     torch.testing.assert_close(out, torch_out, **TOL[dtype])
+
+
+@needs_c_kernel
+def test_threads_come_from_torch_and_one_openmp_runtime():
+    """Built with OpenMP and bound to the runtime torch loaded: one pool. A
+    large call split over threads equals the one-thread result bit for bit
+    (each token is computed alone, in the same order)."""
+    assert cpu_kernel._ext.HAVE_OPENMP, "built without OpenMP: the kernel would use one core"
+    assert cpu_kernel.torch_omp_entry() == cpu_kernel._ext.OMP_ENTRY and cpu_kernel.THREADED, cpu_kernel.THREADS_NOTE
+    T = cpu_kernel._ext.MIN_PARALLEL_ELEMENTS // 64 + 7  # large enough to split, with a remainder
+    hidden, rows, slots, scales, layer_bits, bank, layer = make_case(T=T, D=64, dtype=torch.bfloat16, seed=4)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            out = hidden.clone()
+            icv_shift_cpu(out, rows, slots, scales, layer_bits, bank, layer)
+            outs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(bits(outs[0]), bits(outs[1])) and not torch.equal(outs[0], hidden)

@@ -40,7 +40,7 @@ MIXED = [
     (2, "alpha:1.0,beta:0.7"), (0, "beta:1.2"), (0, "gamma:0.9"),
     (3, "alpha:0.5,beta:0.5,gamma:-0.8,alpha:0.3"), (3, None),
     (1, "alpha:2.5;layers=0+2"), (2, "beta:-1.5;positions=generated"), (2, "beta:-1.5;positions=prompt"),
-    (3, "alpha:0.3;mode=add"), (1, "gamma:-0.5;mode=add;layers=1"),
+    (3, "alpha:0.3;mode=add"), (1, "beta:-0.8;mode=add;layers=1"),
     (0, "alpha:1.0;layers=1-2;positions=generated,beta:0.2;mode=add;positions=prompt,gamma:0.9"),
     # a llama.cpp control vector (cvec.gguf: add mode by default), alone and beside an ICV
     (2, "cvec:0.4"), (3, "cvec:-0.3,alpha:0.8"),

@@ -35,7 +35,7 @@ BAD = [
     ("object", {"icv": {"name": "polite", "scale": 1}}, "icv", ["got dict"]),
     ("bool-scale", {"icv": [{"name": "polite", "scale": True}]}, "icv", ["must be a number"]),
     ("int-name", {"icv": [{"name": 3, "scale": 1}]}, "icv", ["invalid vector name 3"]),
-    ("extra-key", {"icv": [{"name": "polite", "scale": 1, "layer": 2}]}, "icv", ['{"name": str, "scale": number}']),
+    ("extra-key", {"icv": [{"name": "polite", "scale": 1, "layer": 2}]}, "icv", ['{"name": str, "scale": number, "layers"', "(only name required)"]),
     ("path-name", {"icv": "../polite:1"}, "icv", ["invalid vector name '../polite'"]),
     ("disagree", {"icv": "polite:1", "vllm_xargs": {"icv": "polite:2"}}, "icv", ["disagree"]),
     ("xargs-not-object", {"icv": "polite:1", "vllm_xargs": ["icv"]}, "vllm_xargs", ["must be an object"]),

@@ -81,3 +81,34 @@ def test_instance_forward_and_output_bias_blocks(calls, monkeypatch):
     assert torch.equal(seen_values[0], torch.full((3, 8), 7.0))  # the shift saw output + bias
     assert torch.equal(value, torch.full((3, 8), 2.0)) and returned_bias is bias  # bias removed again
     assert model_layers._rows(torch.ones(1, 3, 8)).shape == (3, 8)  # Transformers backend: [1, T, D]
+
+
+def test_a_pipeline_stage_steers_its_own_layers(calls, monkeypatch):
+    """With --pipeline-parallel-size 2, vLLM puts PPMissingLayer (an Identity)
+    where another stage's layers are; a stage steers exactly its range, as
+    vLLM's get_pp_indices splits the layers."""
+    from types import SimpleNamespace
+
+    import vllm.distributed as distributed
+    import vllm.distributed.utils as distributed_utils
+
+    from icv_vllm.worker.runtime import _layers_of_this_rank
+
+    class Model(nn.Module):
+        def __init__(self, held):
+            super().__init__()
+            Layer = named("LlamaDecoderLayer")
+            Layer.forward = lambda self, positions, h, residual: (self.mlp(h), h)
+            self.layers = nn.ModuleList([Layer() if i in held else nn.Identity() for i in range(5)])
+            for i in held:
+                self.layers[i].mlp = MLP()
+
+    runner = SimpleNamespace(vllm_config=SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=2)))
+    family = BY_ARCHITECTURE["LlamaForCausalLM"]
+    for rank, expected in ((0, range(0, 3)), (1, range(3, 5))):
+        monkeypatch.setattr(distributed, "get_pp_group", lambda: SimpleNamespace(rank_in_group=rank))
+        held = _layers_of_this_rank(runner, 5)
+        assert held == expected == range(*distributed_utils.get_pp_indices(5, rank, 2))
+        assert install_steering(Model(held), family, 5, held) == list(expected)
+    with pytest.raises(UnsupportedModelError, match=r"found steerable layers \[0, 1, 2\], expected 3..4"):
+        install_steering(Model(range(0, 3)), family, 5, range(3, 5))
