@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .extract import _positive_int
+from .extract import positive_int
 
 GGUF, SAFETENSORS = ".gguf", ".safetensors"
 
@@ -32,7 +32,7 @@ def add_parser(commands) -> None:
     )
     p.add_argument("input", metavar="IN", help="the file to convert (.gguf or .safetensors)")
     p.add_argument("output", metavar="OUT", help="the file to write (.safetensors or .gguf)")
-    p.add_argument("--num-layers", type=_positive_int, default=None,
+    p.add_argument("--num-layers", type=positive_int, default=None,
                    help="gguf -> safetensors: the model's decoder layers (rows of the vector; default: the "
                         "highest direction + 1; the server pads to the served model's layers either way)")
     p.add_argument("--model-hint", default=None,

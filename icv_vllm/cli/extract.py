@@ -6,7 +6,7 @@ import argparse
 import sys
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -30,7 +30,7 @@ def add_parser(commands) -> None:
     p.add_argument("--pairs", required=True, help='JSONL file, one {"input": ..., "target": ...} per line')
     p.add_argument("--out", required=True, help="vector file to write (.safetensors)")
     p.add_argument("--method", choices=("pca", "mean"), default="pca", help="default: pca, as in the paper")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="texts per forward pass (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="texts per forward pass (default 8)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
         "--no-clean", dest="clean", action="store_false",

@@ -19,17 +19,9 @@ import os
 import sys
 from pathlib import Path
 
+from .extract import positive_int
+
 SUFFIX = ".safetensors"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _float(text: str) -> float:
@@ -69,14 +61,14 @@ def add_parser(commands) -> argparse.ArgumentParser:
     p.add_argument("--scales", type=_scales, default=None, help="comma-separated strengths to try (overrides the grid)")
     p.add_argument("--min-scale", type=_float, default=DEFAULT_MIN_SCALE, help="grid start (default %(default)s)")
     p.add_argument("--max-scale", type=_float, default=DEFAULT_MAX_SCALE, help="grid end (default %(default)s)")
-    p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
                    help="grid points, geometric (default %(default)s)")
-    p.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS,
+    p.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
                    help="tokens generated per prompt (default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the table and the recommendation, store nothing")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--dtype", default="auto", help="vLLM --dtype (default auto)")
-    p.add_argument("--max-model-len", type=_positive_int, default=None, help="vLLM --max-model-len")
+    p.add_argument("--max-model-len", type=positive_int, default=None, help="vLLM --max-model-len")
     p.add_argument("--seed", type=int, default=0, help="vLLM --seed (default 0; decoding is greedy)")
     p.set_defaults(run=run)
     return p

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import threading
 
-import gguf
-import numpy as np
 import pytest
 import torch
 
@@ -20,21 +18,14 @@ from icv_vllm.spec import ICVSpecError
 from icv_vllm.vectors.file_format import ICVFileError
 from icv_vllm.vectors.vector import ICVector
 
+from ..gguf_files import layer_numbered
+
 LAYERS, HIDDEN = 5, 8
 MAX = max_file_bytes(LAYERS, HIDDEN)
 
 
 def _cvec(path, layers=(1, 2), hidden=HIDDEN):
-    w = gguf.GGUFWriter(str(path), "controlvector")
-    w.add_string("controlvector.model_hint", "llama")
-    w.add_int32("controlvector.layer_count", len(layers))
-    for layer in layers:
-        w.add_tensor(f"direction.{layer}", np.full(hidden, float(layer), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return layer_numbered(path, layers, hidden)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from icv_vllm.kernels.icv_shift_cpu import DISABLE_ENV
 from icv_vllm.vectors.vector import ICVector
 
+from ..gguf_files import write_control_vector
 from .hf_reference import HFReference
 
 ENGINE_SCRIPT = Path(__file__).with_name("engine_script.py")
@@ -60,20 +61,10 @@ def _vectors(num_layers: int, hidden: int) -> dict[str, torch.Tensor]:
 
 
 def _write_control_vector(path: Path, tensor: torch.Tensor) -> torch.Tensor:
-    """A GGUF control vector as llama.cpp's cvector-generator writes it (with
-    the gguf library: direction.1..L-1, layer 0 has none); returns the
-    [layers, hidden] tensor it stands for (row 0 zero)."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "controlvector")
-    writer.add_string("controlvector.model_hint", "llama")
-    writer.add_int32("controlvector.layer_count", tensor.shape[0] - 1)
-    for layer in range(1, tensor.shape[0]):
-        writer.add_tensor(f"direction.{layer}", tensor[layer].numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    """A GGUF control vector as llama.cpp's cvector-generator writes it
+    (direction.1..L-1, layer 0 has none); returns the [layers, hidden] tensor
+    it stands for (row 0 zero)."""
+    write_control_vector(path, {layer: tensor[layer].numpy() for layer in range(1, tensor.shape[0])})
     out = tensor.clone()
     out[0] = 0
     return out

@@ -154,19 +154,9 @@ def test_create_refuses_oversize_bodies(client):
 # -- llama.cpp control vectors (name.gguf) -----------------------------------------------------
 
 def _cvec(path, layers=(1, 2)):
-    import gguf
-    import numpy as np
+    from ..gguf_files import layer_numbered
 
-    w = gguf.GGUFWriter(str(path), "controlvector")
-    w.add_string("controlvector.model_hint", "llama")
-    w.add_int32("controlvector.layer_count", len(layers))
-    for layer in layers:
-        w.add_tensor(f"direction.{layer}", np.full(HIDDEN, float(layer), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return layer_numbered(path, layers, HIDDEN)
 
 
 @pytest.fixture

@@ -22,32 +22,14 @@ from icv_vllm.vectors.gguf_format import (LAYOUT_KEY, LayerZeroError, gguf_to_ic
                                           write_gguf)
 from icv_vllm.vectors.vector import ICVector
 
+from ..gguf_files import write_control_vector
+
 HIDDEN = 16
 
 
 def _directions(layers, seed=0):
     rng = np.random.default_rng(seed)
     return {layer: rng.standard_normal(HIDDEN).astype(np.float32) for layer in layers}
-
-
-def write_control_vector(path, directions, *, hint="llama", layer_count=None, count_type="int32",
-                         extra=None, arch="controlvector"):
-    """A control vector written by the gguf library, in the order of ``directions``."""
-    w = gguf.GGUFWriter(str(path), arch)
-    if hint is not None:
-        w.add_string("controlvector.model_hint", hint)
-    if count_type is not None:
-        getattr(w, f"add_{count_type}")("controlvector.layer_count",
-                                        len(directions) if layer_count is None else layer_count)
-    for key, value in (extra or {}).items():
-        w.add_string(key, value)
-    for layer, values in directions.items():
-        w.add_tensor(f"direction.{layer}", values)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def _gguf_contents(path):
