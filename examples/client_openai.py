@@ -2,7 +2,7 @@
 
 Start the server first (scripts/quickstart.sh), then:
 
-    .venv/bin/python examples/client_openai.py [--base-url http://127.0.0.1:8000/v1] [--scale 0.02]
+    .venv/bin/python examples/client_openai.py [--base-url http://127.0.0.1:8000/v1] [--scale 0.0224]
 
 Each request picks its vectors in ``extra_body``: ``"icv": "name:scale,..."``
 or ``"icv": [{"name": ..., "scale": ...}]``. Requests with different vectors
@@ -22,7 +22,8 @@ def main() -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
-    parser.add_argument("--scale", type=float, default=0.02, help="strength of the polite vector (0.02 suits the 135M demo model)")
+    parser.add_argument("--scale", type=float, default=0.0224,
+                        help="strength of the polite vector (what icv-vllm tune recommends for the 135M demo model)")
     args = parser.parse_args()
 
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
