@@ -18,6 +18,7 @@ ERROR_TYPES = {
     409: "ConflictError",
     413: "RequestTooLargeError",
     500: "InternalServerError",
+    501: "NotImplementedError",
     503: "ServiceUnavailableError",
 }
 

@@ -36,6 +36,23 @@ MAX_TOTAL_CHARS = 1_000_000
 CREATE_KEYS = ("name", "pairs", "method", "overwrite")
 
 
+def check_captures_possible(engine_client: Any, what: str) -> None:
+    """501 when the engine cannot serve capture requests (in-server extraction
+    and tuning both record residual streams): under data parallelism each
+    engine core records its own captures, while vLLM's collective RPC goes to
+    every engine of this API server and returns the first one's answer, so the
+    engines that did not run a capture refuse to hand it out. Checked before
+    any forward pass."""
+    parallel = getattr(getattr(engine_client, "vllm_config", None), "parallel_config", None)
+    size = int(getattr(parallel, "data_parallel_size", 1) or 1)
+    if size > 1:
+        raise ICVHTTPError(
+            501, f"{what} is not available with data parallelism (--data-parallel-size {size}): the captures "
+                 "it needs would be spread over several engine cores; use the offline commands "
+                 "(icv-vllm extract, icv-vllm tune) or a server without data parallelism, and copy the file "
+                 "into the vector directory (requests use it at once)")
+
+
 @dataclass(frozen=True)
 class CreateRequest:
     name: str

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 
 from .abandon import server_stopping, until_abandoned
 from .errors import ICVHTTPError
-from .extraction import CreateRequest, extract_in_server, parse_create_body
+from .extraction import CreateRequest, check_captures_possible, extract_in_server, parse_create_body
 from .state import ICVServer
 
 logger = logging.getLogger("vllm.icv_vllm.server")
@@ -68,6 +68,7 @@ async def _create(server: ICVServer, create: CreateRequest) -> dict:
         exists = await asyncio.to_thread(server.store.exists, create.name)
         if exists and not create.overwrite:
             raise server.store.conflict(create.name)  # before spending a forward pass
+        check_captures_possible(server.engine_client(), "in-server extraction")
         try:
             vector = await extract_in_server(server.engine_client(), create)
         except ICVHTTPError:

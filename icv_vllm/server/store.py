@@ -12,16 +12,23 @@ listed (``"format": "gguf"``, mode ``add`` unless said otherwise) and
 deleted like the others; saving never writes one, and refuses a name that a
 ``.gguf`` holds (409) rather than leave two files under one name.
 
+Writes (save, delete, and the tuning route's stored scale) are serialised
+across processes by :func:`directory_write_lock`: several API server
+processes (``--api-server-count``), or several servers sharing one
+directory, never interleave a 409 check with another's write.
+
 Every method may block on the file system: routes call them in a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..frontend.vector_files import (GGUF_SUFFIX, SUFFIX, SUFFIXES, entry_path, find_entry, known_names,
                                      read_vector_bytes, vector_path)
@@ -36,6 +43,26 @@ UsabilityCheck = Callable[[str], "str | None"]
 # served model's own, tighter limit is admission's (the ``usable`` check).
 MAX_LISTED_FILE_BYTES = 64 << 20
 DIGEST_CHARS = 16  # shown in listings: the start of the pinned store's sha256
+
+
+# In the vector directory; not a vector name (no .safetensors / .gguf suffix), so never listed.
+LOCK_FILE = ".icv-vllm.lock"
+
+
+@contextlib.contextmanager
+def directory_write_lock(directory: Path) -> Iterator[None]:
+    """Hold the directory's write lock: an exclusive ``flock`` on
+    ``LOCK_FILE`` (created on first use; over NFS, Linux maps it to a lock
+    the server holds). Every process writing through icv-vllm takes it, so a
+    check ("does the name exist?", "is the file still the one tuned?") and the
+    write that follows are one step for all of them. Blocking: call it in a
+    thread; it is held only for the file work, never during a forward pass."""
+    fd = os.open(Path(directory) / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class VectorStore:
@@ -138,19 +165,25 @@ class VectorStore:
         return None
 
     def save(self, name: str, vector, overwrite: bool) -> dict:
-        """Write ``vector`` as ``name``; 409 if it exists and ``overwrite`` is false.
-        Callers serialise saves and deletes (one lock per server)."""
+        """Write ``vector`` as ``name``; 409 if it exists and ``overwrite`` is
+        false. Under the directory's write lock (other processes), after the
+        caller's own lock (this process)."""
         path = self.entry(name)
-        problem = self._not_a_vector_file(name, path)
-        if problem is not None:
-            raise problem
-        if self.is_gguf(name) or (os.path.lexists(path) and not overwrite):
-            raise self.conflict(name)
-        vector.save(path)  # renames over the entry: a link is replaced, not followed
-        return self.info(name)
+        with directory_write_lock(self.directory):
+            problem = self._not_a_vector_file(name, path)
+            if problem is not None:
+                raise problem
+            if self.is_gguf(name) or (os.path.lexists(path) and not overwrite):
+                raise self.conflict(name)
+            vector.save(path)  # renames over the entry: a link is replaced, not followed
+            return self.info(name)
 
     def delete(self, name: str) -> dict:
         self.entry(name)  # 400 for an illegal name
+        with directory_write_lock(self.directory):
+            return self._delete(name)
+
+    def _delete(self, name: str) -> dict:
         try:
             path = find_entry(self.directory, name)
         except ICVFileError as e:  # both name.safetensors and name.gguf: which one is meant?

@@ -143,9 +143,11 @@ async def tune_in_server(server: ICVServer, name: str, tune: TuneRequest) -> dic
     from vllm.exceptions import VLLMValidationError
 
     from ..tuning.measure import measure_sweep
-    from ..tuning.storage import VectorChangedError, store_recommended_scale
+    from ..tuning.storage import VectorChangedError
+    from .extraction import check_captures_possible
 
     entry, data, tensor = await asyncio.to_thread(_read_vector, server, name)
+    check_captures_possible(server.engine_client(), "in-server tuning")
     try:
         baseline, measured = await measure_sweep(server.engine_client(), name, tensor, tune.prompts, tune.scales,
                                                  tune.max_tokens, window=WINDOW)
@@ -168,11 +170,21 @@ async def tune_in_server(server: ICVServer, name: str, tune: TuneRequest) -> dic
         return answer
     async with server.write_lock:
         try:
-            await asyncio.to_thread(store_recommended_scale, entry, data, result.recommended_scale)
+            await asyncio.to_thread(_store_locked, server, entry, data, result.recommended_scale)
         except VectorChangedError as e:
             raise ICVHTTPError(409, str(e), "name") from None
     answer["stored"] = True
     return answer
+
+
+def _store_locked(server: ICVServer, entry, data: bytes, scale: float) -> None:
+    """``store_recommended_scale`` under the directory's write lock: another
+    API server process cannot replace the file between its check and its write."""
+    from ..tuning.storage import store_recommended_scale
+    from .store import directory_write_lock
+
+    with directory_write_lock(server.directory):
+        store_recommended_scale(entry, data, scale)
 
 
 def check_name(name: str) -> str:

@@ -12,9 +12,13 @@ which looks the name up in its own module, so we patch that module.
 | ``entry.build_app`` | wrapped: the ICV routes and middleware join the app it returns |
 | ``entry.build_and_serve`` | must call ``build_app`` by its module-global name (checked) |
 | ``entry.run_server`` | one API server + engine, what ``vllm serve`` runs by default |
+| ``cli.serve.run_multi_api_server`` | engine core(s) + N API server processes (``--api-server-count N``, or data parallel's default of one per engine), as ``vllm serve`` runs them |
+| ``v1.utils.APIServerProcessManager.__init__`` ``target_server_fn`` | wrapped in the ``icv-vllm serve`` process only: each spawned API server (a fresh interpreter) starts in ``api_servers.api_server_process``, which adds ICV serving, then runs vLLM's own worker (checked: vLLM must not pass a target of its own) |
+| ``v1.utils.run_api_server_worker_proc`` | vLLM's body of one API server process, run by ours |
 | ``cli_args.make_arg_parser`` / ``validate_parsed_serve_args`` | every ``vllm serve`` flag, checked as vLLM does |
 | ``argparse_utils.FlexibleArgumentParser`` | vLLM's parser (``--config`` YAML, ``-O`` shorthands) |
 | ``api_utils.cli_env_setup`` | ``spawn`` for workers, as ``vllm serve`` sets |
+| env ``VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY`` | ``ICV_VLLM_`` added (``cli/serve.py``): Ray actors get only the variables vLLM copies, and a worker needs ``ICV_VLLM_DIR`` to set up steering |
 | ``logger.configure_logging_from_args`` | vLLM's logging flags |
 | ``authenticate.GUARDED_PREFIX`` | ``--api-key`` must cover ``/v1`` (our routes live there; checked) |
 | ``app.state.engine_client`` / ``.vllm_config`` | set by ``init_app_state``; the routes use the loaded engine |
@@ -31,7 +35,9 @@ the version it was read from, and what it was for.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +77,12 @@ _CLI_ARGS = "vllm.entrypoints.launchers.cli_args"
 BUILD_APP = Hook(_ENTRY, "build_app", "add the ICV routes and middleware to the OpenAI app")
 BUILD_AND_SERVE = Hook(_ENTRY, "build_and_serve", "build the app through build_app")
 RUN_SERVER = Hook(_ENTRY, "run_server", "run the OpenAI-compatible server in this process")
+RUN_MULTI_API_SERVER = Hook("vllm.entrypoints.cli.serve", "run_multi_api_server",
+                            "start the engine core(s) and several API server processes")
+API_SERVER_MANAGER = Hook("vllm.v1.utils", "APIServerProcessManager",
+                          "start each API server process with the ICV routes (its target_server_fn)")
+RUN_API_SERVER_WORKER = Hook("vllm.v1.utils", "run_api_server_worker_proc",
+                             "run vLLM's API server in each process started by run_multi_api_server")
 MAKE_ARG_PARSER = Hook(_CLI_ARGS, "make_arg_parser", "accept every `vllm serve` flag")
 VALIDATE_ARGS = Hook(_CLI_ARGS, "validate_parsed_serve_args", "check serve flags as vLLM does")
 ARG_PARSER = Hook("vllm.utils.argparse_utils", "FlexibleArgumentParser", "parse serve flags as vLLM does")
@@ -103,6 +115,42 @@ def patch_build_app(wrap) -> None:
     wrapped.__icv_wrapped__ = True
     module = importlib.import_module(BUILD_APP.module)
     setattr(module, BUILD_APP.attribute, wrapped)
+
+
+TARGET_PARAM = "target_server_fn"
+
+
+def patch_api_server_processes(target) -> None:
+    """Make ``APIServerProcessManager`` start every API server process in
+    ``target`` (pickled by reference: a module-level function), which must add
+    ICV serving and then call ``RUN_API_SERVER_WORKER``. Idempotent. The
+    processes are spawned (fresh interpreters), so a patch made here would not
+    reach them; the target does its own."""
+    manager = API_SERVER_MANAGER.get()
+    init = manager.__init__
+    if getattr(init, "__icv_wrapped__", False):
+        return
+    signature = inspect.signature(init)
+    if TARGET_PARAM not in signature.parameters:
+        raise VLLMServerHookError(
+            f"vllm.v1.utils.APIServerProcessManager no longer takes {TARGET_PARAM} (icv-vllm serve read vllm "
+            f"{VLLM_VERSION_READ}); the API server processes could not be started with the ICV routes")
+    RUN_API_SERVER_WORKER.get()  # fail now, not in every child
+
+    @functools.wraps(init)
+    def __init__(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        given = bound.arguments.get(TARGET_PARAM)
+        if given is not None and given is not target:
+            raise VLLMServerHookError(
+                f"vLLM now starts its API server processes in {getattr(given, '__qualname__', given)!r} "
+                f"(icv-vllm serve read vllm {VLLM_VERSION_READ}, where it passed none); the ICV routes "
+                "could not be added to them")
+        bound.arguments[TARGET_PARAM] = target
+        return init(*bound.args, **bound.kwargs)
+
+    __init__.__icv_wrapped__ = True
+    manager.__init__ = __init__
 
 
 def check_api_key_covers(prefix: str) -> None:
