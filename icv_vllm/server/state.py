@@ -80,4 +80,4 @@ class ICVServer:
         if not self.updates_allowed:
             raise ICVHTTPError(
                 403, "the vector management API is disabled; start the server with "
-                     f"{ENV_ALLOW_RUNTIME_UPDATES}=1 to list, create and delete vectors")
+                     f"{ENV_ALLOW_RUNTIME_UPDATES}=1 to list, create, tune and delete vectors")
