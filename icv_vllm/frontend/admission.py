@@ -149,7 +149,8 @@ class Admission:
             if header.recommended_scale is None:
                 raise AdmissionError(
                     f"vector {name!r} has no recommended scale: give one (e.g. {name}:0.02) or run "
-                    f"`icv-vllm tune --vector {name}` to store a recommendation in the file",
+                    f"`icv-vllm tune --model MODEL --vector {name}` (or POST /v1/icv/{name}/tune) to store "
+                    "a recommendation in the file",
                     "no_recommended_scale")
             scale = header.recommended_scale
         return ResolvedChoice(name, digest, scale, layers, choice.positions,
