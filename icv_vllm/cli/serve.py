@@ -57,6 +57,9 @@ def _vector_dir(args) -> Path:
                          "(icv-vllm extract --out DIR/NAME.safetensors writes vectors there)")
     os.environ[ENV_DIR] = str(directory)
     _copy_to_ray_actors()
+    from ..plugin.vllm_patches import add_engine_stats_field
+
+    add_engine_stats_field()  # vLLM's stats module may already be imported (parsing the flags imports vLLM)
     return directory
 
 

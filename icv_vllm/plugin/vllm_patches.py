@@ -25,6 +25,7 @@ import functools
 import inspect
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable
@@ -451,6 +452,15 @@ def _add_stats_field(module: ModuleType) -> None:
     fields[STATS_FIELD] = field
     cls.__annotations__[STATS_FIELD] = dict[str, int] | None
     setattr(cls, STATS_FIELD, None)
+
+
+def add_engine_stats_field() -> None:
+    """``_add_stats_field`` now, for a process that set ICV_VLLM_DIR after
+    vLLM's stats module was imported (``icv-vllm serve`` learns the directory
+    from its flags); before any engine client encodes or decodes stats."""
+    module = sys.modules.get(SCHED_STATS_FIELD.module)
+    if module is not None:
+        _add_stats_field(module)
 
 
 def _v1_runner_for_icv(original):
