@@ -86,9 +86,10 @@ class RequestTables:
             return
         resolved = resolved_of(extra)
         if resolved is not None:
+            choices = parse_resolved(resolved)
             for part, applies in ((0, "affects_prompt"), (1, "affects_generated")):
                 columns = [0, ICV_COLUMNS]  # next free ICV / add column
-                for c in parse_resolved(resolved):
+                for c in choices:
                     if getattr(c, applies):
                         group = c.mode == "add"
                         col = columns[group]
@@ -98,7 +99,7 @@ class RequestTables:
                         self.layer_bits[part, row, col] = layer_mask(c.layers, self.num_layers)
             self._count(row, 1)
             self.steered[row] = True
-            self.splits_positions[row] = any(c.positions != "all" for c in parse_resolved(resolved))
+            self.splits_positions[row] = any(c.positions != "all" for c in choices)
         capture_id = extra.get(CAPTURE_EXTRA_ARGS_KEY)
         if capture_id is not None:
             self.capturing[row] = True
