@@ -6,7 +6,9 @@ difference is the total number of demonstration pairs behind it, or None
 (unknown) when one of them is an imported vector (method ``gguf``). A
 vector's ``default_mode`` (``icv``, or ``add`` for an imported llama.cpp
 control vector) is kept by loading, saving and arithmetic; vectors of
-different default modes are not combined.
+different default modes are not combined. A ``recommended_scale`` (the
+strength ``icv-vllm tune`` measured for this content) is kept by loading and
+saving, and dropped by arithmetic: a result is other content, never measured.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from .file_format import METHODS, MODES, UNKNOWN_PAIRS_METHODS, load_icv, write_
 class ICVector:
     """One direction per decoder layer: a float32 ``[num_layers, hidden_size]`` tensor."""
 
-    __slots__ = ("tensor", "model", "method", "num_pairs", "default_mode")
+    __slots__ = ("tensor", "model", "method", "num_pairs", "default_mode", "recommended_scale")
     # numpy scalars would otherwise try to broadcast over us instead of calling __rmul__
     __array_ufunc__ = None
 
     def __init__(self, tensor: torch.Tensor, *, model: str, method: str, num_pairs: int | None,
-                 default_mode: str = "icv"):
+                 default_mode: str = "icv", recommended_scale: float | None = None):
         if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or 0 in tensor.shape:
             raise ValueError(
                 f"an ICV is a non-empty 2-D tensor [num_layers, hidden_size], got "
@@ -48,11 +50,14 @@ class ICVector:
             raise ValueError(f"default_mode {default_mode!r} is not one of {', '.join(MODES)}")
         if not isinstance(model, str) or not model.strip():
             raise ValueError(f"model must be a non-empty string, got {model!r}")
+        if recommended_scale is not None and (self._scalar(recommended_scale) is None or recommended_scale == 0):
+            raise ValueError(f"recommended_scale must be a finite non-zero number, got {recommended_scale!r}")
         self.tensor = tensor
         self.model = model
         self.method = method
         self.num_pairs = num_pairs
         self.default_mode = default_mode
+        self.recommended_scale = None if recommended_scale is None else float(recommended_scale)
 
     @property
     def num_layers(self) -> int:
@@ -64,14 +69,14 @@ class ICVector:
 
     def save(self, path: str | os.PathLike) -> None:
         write_icv(path, self.tensor, model=self.model, method=self.method, num_pairs=self.num_pairs,
-                  default_mode=self.default_mode)
+                  default_mode=self.default_mode, recommended_scale=self.recommended_scale)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ICVector":
         """Load and validate; raises ``ICVFileError`` naming the file and the problem."""
         tensor, header = load_icv(path)
         return cls(tensor, model=header.model, method=header.method, num_pairs=header.num_pairs,
-                   default_mode=header.default_mode)
+                   default_mode=header.default_mode, recommended_scale=header.recommended_scale)
 
     def __repr__(self) -> str:
         return (

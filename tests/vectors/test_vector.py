@@ -96,3 +96,16 @@ def test_save_load_round_trip(tmp_path):
     assert (back.model, back.method, back.num_pairs) == ("m", "arithmetic", 8)
     header = read_icv_header(tmp_path / "mix.safetensors")
     assert (header.num_layers, header.hidden_size, header.method) == (3, 8, "arithmetic")
+    assert back.recommended_scale is None and header.recommended_scale is None
+
+
+def test_recommended_scale_survives_load_and_save_but_not_arithmetic(tmp_path):
+    tuned = ICVector(_vec(5).tensor, model="m", method="pca", num_pairs=4, recommended_scale=0.0224)
+    tuned.save(tmp_path / "a.safetensors")
+    back = ICVector.load(tmp_path / "a.safetensors")
+    assert back.recommended_scale == 0.0224
+    back.save(tmp_path / "b.safetensors")  # re-saving a tuned vector keeps its recommendation
+    assert read_icv_header(tmp_path / "b.safetensors").recommended_scale == 0.0224
+    assert (back + _vec(6)).recommended_scale is None and (2 * back).recommended_scale is None
+    with pytest.raises(ValueError, match="recommended_scale"):
+        ICVector(_vec(5).tensor, model="m", method="pca", num_pairs=4, recommended_scale=0)
