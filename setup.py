@@ -56,8 +56,9 @@ setup(
         # transformers refuses to read a GGUF checkpoint without accelerate installed
         "demo": ["gguf>=0.10", "accelerate>=1.0"],
         # pytest-xdist: the README's test command runs two workers, one test file each at a time
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.40", "requests"],
-        "bench": ["matplotlib"],
+        # peft: the LoRA baseline of benchmarks/paper_claims.py (tested in tests/benchmarks)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.40", "requests", "peft>=0.13"],
+        "bench": ["matplotlib", "peft>=0.13"],
     },
     entry_points={
         "console_scripts": ["icv-vllm=icv_vllm.cli:main"],

