@@ -1,11 +1,17 @@
-"""Serving cost of in-context learning vs an in-context vector, in one run.
+"""Serving cost of in-context learning vs an in-context vector (and a LoRA adapter), in one run.
 
-The same model and the same demonstration pairs (--pairs) used two ways:
-  icl    the pairs as chat turns before each query (as benchmarks/quality.py
-         builds them): every request carries the demonstrations
-  icv    the pairs extracted once into a vector (icv_vllm.vectors.extract_icv),
-         selected per request ("task:--scale"); the prompt is the query alone
+The same model and the same demonstration pairs (the first N of --pairs, for each N of
+--num-pairs) used three ways:
+  icl N  the N pairs as chat turns before each query (as benchmarks/quality.py builds
+         them): every request carries the demonstrations
+  icv    the pairs extracted once into a vector (icv_vllm.vectors.extract_icv, from the
+         largest N: a vector costs the same whatever it was extracted from), selected per
+         request ("task:--scale"); the prompt is the query alone
   none   the query alone, unsteered (reference)
+  lora   (--lora) a rank-8 LoRA adapter trained on the largest N pairs
+         (benchmarks/lora_baseline.py), served by vLLM's LoRA support in a second engine
+         started after the first one is gone (the plugin off; vLLM runs LoRA eagerly on the
+         CPU), timed against that engine's own unsteered batches
 Queries: --concurrency distinct rude sentences per batch (the 8 held-out
 sentences of quality.py, each addressed to --concurrency/8 different names,
 a fresh set of names per timed batch, so no query is ever in the prefix
@@ -14,11 +20,11 @@ server). All of a batch's requests go to the engine at once (one
 LLM.generate); greedy, ignore_eos, --max-tokens each, so every way makes the
 same number of tokens. Warm-up: one batch per way. Then --repeats batches
 per way, ways alternating; reported per way: output tokens/s (median over
-batches), its ratio to ICL (median of per-batch ratios), time to first token
+batches), its ratio to each ICL (median of per-batch ratios), time to first token
 p50/p95 over all timed requests (vLLM's RequestOutput.metrics:
 first_token_latency, from the request's arrival), prompt tokens/request.
 
-    python benchmarks/icv_vs_icl.py --model .cache/models/SmolLM2-135M-Instruct
+    python benchmarks/icv_vs_icl.py --model .cache/models/SmolLM2-135M-Instruct [--lora]
 """
 
 from __future__ import annotations
@@ -52,54 +58,19 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--pairs", default="examples/polite.jsonl")
-    parser.add_argument("--scale", type=float, default=0.04)
-    parser.add_argument("--concurrency", type=int, default=64, help="requests per batch, sent at once")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="timed batches per way")
-    parser.add_argument("--no-prefix-caching", action="store_true",
-                        help="turn vLLM's prefix cache off (ICL then prefills its demonstrations every time)")
-    parser.add_argument("--out", default="benchmarks/results/icv_vs_icl.md")
-    args = parser.parse_args()
-    t0 = time.perf_counter()
-
-    from icv_vllm.vectors import extract_icv
-    from icv_vllm.vectors.pairs import read_pairs_jsonl
-
-    pairs = read_pairs_jsonl(args.pairs)
-    vector_dir = Path(tempfile.mkdtemp(prefix="icv-vs-icl-"))
-    start = time.perf_counter()
-    extract_icv(args.model, pairs, progress=False).save(vector_dir / "task.safetensors")
-    extraction_s = time.perf_counter() - start
-    os.environ["ICV_VLLM_DIR"] = str(vector_dir)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # CPU: else a fraction of all memory
-    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see benchmarks/throughput.py
-
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(args.model, max_model_len=2048, seed=0, disable_log_stats=False,  # per-request metrics
-              enable_prefix_caching=not args.no_prefix_caching)
-    tokenizer = llm.get_tokenizer()
-    scheduler = llm.llm_engine.vllm_config.scheduler_config
-    block_size = llm.llm_engine.vllm_config.cache_config.block_size  # prefix cache granularity
-
-    def chat(turns: list[tuple[str, str]], final: str) -> str:
-        return chat_prompt(tokenizer, turns, final)
-
-    demos = [(INSTRUCTION.format(p.input), p.target) for p in pairs]
-    ways = {"icl": (demos, None), "icv": ([], f"task:{args.scale}"), "none": ([], None)}
+def timed_batches(llm, ways: dict, args, tokenizer, log: str = "") -> dict[str, list[tuple[float, list[float], float]]]:
+    """One warm-up batch per way, then --repeats batches per way, ways alternating.
+    ways: name -> (demonstration turns, icv selection or None, LoRARequest or None).
+    Per way and batch: (output tokens/s, TTFT per request in s, mean prompt tokens)."""
+    from vllm import SamplingParams
 
     def run(way: str, batch: int) -> tuple[float, list[float], float]:
-        """One batch: (output tokens/s, TTFT per request in s, mean prompt tokens)."""
-        turns, spec = ways[way]
-        prompts = [chat(turns, INSTRUCTION.format(q)) for q in queries(batch, args.concurrency)]
+        turns, spec, lora = ways[way]
+        prompts = [chat_prompt(tokenizer, turns, INSTRUCTION.format(q)) for q in queries(batch, args.concurrency)]
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True,
                                 extra_args={"icv": spec} if spec else None)
         start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
         elapsed = time.perf_counter() - start
         if any(o.metrics is None for o in outs):
             raise RuntimeError("RequestOutput.metrics is None: this vLLM does not report per-request stats")
@@ -107,38 +78,143 @@ def main() -> None:
         return (tokens / elapsed, [o.metrics.first_token_latency for o in outs],
                 sum(len(o.prompt_token_ids) for o in outs) / len(outs))
 
-    for way in ways:  # warm-up: compiles, loads the vector, caches the demonstrations
+    for way in ways:  # warm-up: compiles, loads the vector or adapter, caches the demonstrations
         run(way, 0)
-    icl_ids = [tokenizer.encode(chat(demos, INSTRUCTION.format(q))) for q in queries(0, 2)]
-    shared = next(i for i, (a, b) in enumerate(zip(*icl_ids)) if a != b)  # tokens all ICL prompts share
-    results: dict[str, list[tuple[float, list[float], float]]] = {w: [] for w in ways}
+    results: dict[str, list] = {w: [] for w in ways}
     for r in range(args.repeats):
         for way in ways if r % 2 == 0 else list(ways)[::-1]:
             results[way].append(run(way, r + 1))
-            print(f"batch {r + 1} {way}: {results[way][-1][0]:.1f} output tokens/s", flush=True)
+            print(f"{log}batch {r + 1} {way}: {results[way][-1][0]:.1f} output tokens/s", flush=True)
+    return results
 
-    icl_tps = [tps for tps, _, _ in results["icl"]]
-    rows = ["| way | output tokens/s (median) | vs ICL (median of per-batch ratios) | TTFT p50 ms | "
-            "TTFT p95 ms | prompt tokens / request |", "|---|---:|---:|---:|---:|---:|"]
-    names = {"icl": f"ICL ({len(pairs)} pairs in the prompt)", "icv": f"ICV (vector, scale {args.scale})",
-             "none": "neither (query alone, reference)"}
+
+def lora_phase(args) -> None:
+    """The LoRA engine (run as a child with VLLM_PLUGINS=none): 'lora' and 'none' batches, JSON to --phase-out."""
+    import json
+
+    from vllm import LLM
+    from vllm.lora.request import LoRARequest
+
+    from lora_baseline import LoraRecipe
+
+    llm = LLM(args.model, max_model_len=args.max_model_len, seed=0, disable_log_stats=False,
+              enable_prefix_caching=not args.no_prefix_caching, enable_lora=True, max_loras=1,
+              max_lora_rank=LoraRecipe.rank)
+    request = LoRARequest("task", 1, args.lora_dir)
+    results = timed_batches(llm, {"lora": ([], None, request), "none": ([], None, None)}, args,
+                            llm.get_tokenizer(), log="[lora engine] ")
+    mode = llm.llm_engine.vllm_config.compilation_config.mode
+    Path(args.phase_out).write_text(json.dumps({"results": results, "compilation_mode": str(mode)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--pairs", default="benchmarks/quality_data/polite_pairs.jsonl")
+    parser.add_argument("--num-pairs", type=int, nargs="+", default=[5, 16, 64],
+                        help="ICL with the first N pairs, for each N")
+    parser.add_argument("--scale", type=float, default=0.04)
+    parser.add_argument("--concurrency", type=int, default=64, help="requests per batch, sent at once")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5, help="timed batches per way")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="turn vLLM's prefix cache off (ICL then prefills its demonstrations every time)")
+    parser.add_argument("--lora", action="store_true", help="also time a LoRA adapter trained on the pairs")
+    parser.add_argument("--out", default="benchmarks/results/icv_vs_icl.md")
+    parser.add_argument("--phase-out", help=argparse.SUPPRESS)
+    parser.add_argument("--lora-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "8")  # GiB; CPU: else a fraction of all memory
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see benchmarks/throughput.py
+    if args.phase_out:
+        return lora_phase(args)
+    t0 = time.perf_counter()
+
+    from icv_vllm.vectors import extract_icv
+    from icv_vllm.vectors.pairs import read_pairs_jsonl
+
+    counts = sorted(set(args.num_pairs))
+    pairs = read_pairs_jsonl(args.pairs)
+    if len(pairs) < counts[-1]:
+        raise SystemExit(f"{args.pairs} has {len(pairs)} pairs, fewer than {counts[-1]}")
+    pairs = pairs[: counts[-1]]
+    vector_dir = Path(tempfile.mkdtemp(prefix="icv-vs-icl-"))
+    start = time.perf_counter()
+    extract_icv(args.model, pairs, progress=False).save(vector_dir / "task.safetensors")
+    extraction_s = time.perf_counter() - start
+    os.environ["ICV_VLLM_DIR"] = str(vector_dir)
+
+    from vllm import LLM
+
+    llm = LLM(args.model, max_model_len=args.max_model_len, seed=0, disable_log_stats=False,  # per-request metrics
+              enable_prefix_caching=not args.no_prefix_caching)
+    tokenizer = llm.get_tokenizer()
+    scheduler = llm.llm_engine.vllm_config.scheduler_config
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size  # prefix cache granularity
+    ways = {f"icl {n}": ([(INSTRUCTION.format(p.input), p.target) for p in pairs[:n]], None, None) for n in counts}
+    ways |= {"icv": ([], f"task:{args.scale}", None), "none": ([], None, None)}
+    results = timed_batches(llm, ways, args, tokenizer)
+    del llm
+
+    lora_note = ""
+    if args.lora:
+        import gc
+        import json
+        import subprocess
+        import sys
+
+        from lora_baseline import ensure_lora
+
+        gc.collect()
+        lora_dir = Path(".cache") / "lora" / f"{Path(args.model).name}-{Path(args.pairs).stem}-{counts[-1]}"
+        summary = ensure_lora(args.model, pairs, lora_dir)
+        phase_out = vector_dir / "lora.json"
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--phase-out", str(phase_out),
+                        "--lora-dir", str(lora_dir)], env=dict(os.environ, VLLM_PLUGINS="none"), check=True)
+        phase = json.loads(phase_out.read_text())
+        results["lora"] = [tuple(x) for x in phase["results"]["lora"]]
+        results["none (LoRA engine)"] = [tuple(x) for x in phase["results"]["none"]]
+        lora_note = (f" **lora**: rank-8 adapter trained on the {counts[-1]} pairs ({summary['steps']} steps, "
+                     f"{summary['train_s']:.0f} s on the CPU), served by vLLM's LoRA support in a second engine "
+                     f"(plugin off; vLLM's CPU platform runs LoRA engines eagerly: compilation mode "
+                     f"{phase['compilation_mode']}), timed against that engine's own unsteered batches.")
+
+    tps = {way: [x for x, _, _ in runs] for way, runs in results.items()}
+    icls = [f"icl {n}" for n in counts]
+    head = "| way | output tokens/s (median) | " + " | ".join(f"vs ICL {n}" for n in counts)
+    rows = [head + " | TTFT p50 ms | TTFT p95 ms | prompt tokens / request |",
+            "|---|---:|" + "---:|" * len(counts) + "---:|---:|---:|"]
+    names = {**{f"icl {n}": f"ICL ({n} pairs in the prompt)" for n in counts},
+             "icv": f"ICV (vector from the {counts[-1]} pairs, scale {args.scale})",
+             "none": "neither (query alone, reference)", "lora": f"LoRA (adapter trained on the {counts[-1]} pairs)",
+             "none (LoRA engine)": "neither, in the LoRA engine"}
+
+    def ratio(way: str, base: str) -> float:
+        """Median per-batch ratio; the LoRA engine's ways go through that engine's own unsteered batches."""
+        if way in ("lora", "none (LoRA engine)"):
+            own = [a / b for a, b in zip(tps[way], tps["none (LoRA engine)"])]
+            return statistics.median(own) * statistics.median(a / b for a, b in zip(tps["none"], tps[base]))
+        return statistics.median(a / b for a, b in zip(tps[way], tps[base]))
+
     for way, runs in results.items():
-        tps = [x for x, _, _ in runs]
-        ratio = statistics.median(a / b for a, b in zip(tps, icl_tps))
         ttft = [t * 1000 for _, ts, _ in runs for t in ts]
-        rows.append(f"| {names[way]} | {statistics.median(tps):.1f} | {ratio:.2f}x | "
-                    f"{percentile(ttft, 50):.0f} | {percentile(ttft, 95):.0f} | {runs[0][2]:.0f} |")
-    ratio = statistics.median(a / b for a, b in zip((x for x, _, _ in results["icv"]), icl_tps))
+        ratios = (["(LoRA's reference)"] * len(icls) if way == "none (LoRA engine)"
+                  else [f"{ratio(way, base):.2f}x" for base in icls])
+        rows.append(f"| {names[way]} | {statistics.median(tps[way]):.1f} | " + " | ".join(ratios)
+                    + f" | {percentile(ttft, 50):.0f} | {percentile(ttft, 95):.0f} | {runs[0][2]:.0f} |")
+    verdicts = [f"{n} pairs: {'met' if ratio('icv', f'icl {n}') >= GOAL else 'not met'} "
+                f"({ratio('icv', f'icl {n}'):.2f}x)" for n in counts]
     caching = "off" if args.no_prefix_caching else (
-        f"on (vLLM default): the ICL prompts share their first {shared} tokens, of which the full "
-        f"{block_size}-token blocks are cached after the warm-up")
+        f"on (vLLM default): every ICL prompt's demonstrations are a shared prefix, cached in full "
+        f"{block_size}-token blocks after the warm-up")
     text = "\n".join([
         f"Model {Path(args.model).name}, CPU, vLLM's defaults (compiled, chunked prefill, max_num_seqs "
         f"{scheduler.max_num_seqs}, max_num_batched_tokens {scheduler.max_num_batched_tokens}); prefix caching "
-        f"{caching}. {len(pairs)} pairs from {args.pairs}; {args.concurrency} distinct rude sentences per batch "
+        f"{caching}. Pairs: the first N of {args.pairs}; {args.concurrency} distinct rude sentences per batch "
         f"sent at once; greedy, ignore_eos, {args.max_tokens} output tokens each; {args.repeats} timed batches "
-        f"per way (after one warm-up batch each).", "", *rows, "",
-        f"Goal: ICV >= {GOAL:g}x ICL output tokens/s: {'met' if ratio >= GOAL else 'not met'} ({ratio:.2f}x). "
+        f"per way (after one warm-up batch each).{lora_note}", "", *rows, "",
+        f"Goal: ICV >= {GOAL:g}x ICL output tokens/s: " + "; ".join(verdicts) + ". "
         f"One-off extraction of the vector: {extraction_s:.1f} s. Total run {time.perf_counter() - t0:.0f} s."])
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
