@@ -5,7 +5,8 @@ LoRA support (``LLM(enable_lora=True)`` + ``LoRARequest``).
 Training (CPU, minutes at most for the demo models): each pair becomes one chat
 exchange, the user turn ``quality.INSTRUCTION`` applied to the pair's input
 (the prompt every way of the quality benchmarks asks) and the assistant turn its
-target; the loss is on the target's tokens only. Every linear projection of the
+target (for a base model, prompted in plain text: the prompt, then the target and
+the newline that ends its line); the loss is on the target's tokens only. Every linear projection of the
 decoder layers gets an adapter (rank --rank, alpha 2 x rank), trained with AdamW
 for max(--epochs passes over the pairs, --min-steps steps) in batches of
 --batch-size, so a handful of pairs still gets a useful number of steps. The
@@ -29,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quality import INSTRUCTION, chat_prompt
+from quality import INSTRUCTION, chat_prompt, completion_prompt
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -45,9 +46,12 @@ class LoraRecipe:
     seed: int = 0
 
 
-def training_examples(tokenizer, pairs) -> list[tuple[list[int], int]]:
+def training_examples(tokenizer, pairs, style: str = "chat") -> list[tuple[list[int], int]]:
     """(token ids of prompt + target + end-of-turn token, number of prompt tokens) per pair,
-    tokenized as vLLM tokenizes a text prompt (the tokenizer's own special tokens)."""
+    tokenized as vLLM tokenizes a text prompt (the tokenizer's own special tokens). style is
+    quality.prompt_style's: "completion" ends the target with the newline where inference stops."""
+    if style == "completion":
+        return [completion_example(tokenizer, pair) for pair in pairs]
     examples = []
     for pair in pairs:
         prompt = chat_prompt(tokenizer, [], INSTRUCTION.format(pair.input))
@@ -64,8 +68,19 @@ def training_examples(tokenizer, pairs) -> list[tuple[list[int], int]]:
     return examples
 
 
-def train_lora(model_dir: str | Path, pairs, out_dir: str | Path, recipe: LoraRecipe = LoraRecipe()) -> dict:
-    """Trains an adapter on the pairs, saves it to out_dir (a vLLM-loadable folder); returns a summary."""
+def completion_example(tokenizer, pair) -> tuple[list[int], int]:
+    prompt = completion_prompt([], INSTRUCTION.format(pair.input))
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(f"{prompt} {pair.target}\n")["input_ids"]
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError("the tokenizer splits the prompt differently once the answer follows it")
+    return ids, len(prompt_ids)
+
+
+def train_lora(model_dir: str | Path, pairs, out_dir: str | Path, recipe: LoraRecipe = LoraRecipe(),
+               style: str = "chat") -> dict:
+    """Trains an adapter on the pairs (prompted in quality.prompt_style's style), saves it to out_dir
+    (a vLLM-loadable folder); returns a summary."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,7 +92,7 @@ def train_lora(model_dir: str | Path, pairs, out_dir: str | Path, recipe: LoraRe
     config = LoraConfig(r=recipe.rank, lora_alpha=2 * recipe.rank, lora_dropout=recipe.dropout,
                         target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
-    examples = training_examples(tokenizer, pairs)
+    examples = training_examples(tokenizer, pairs, style)
     per_epoch = math.ceil(len(examples) / recipe.batch_size)
     steps = max(recipe.epochs * per_epoch, recipe.min_steps)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr)
@@ -107,21 +122,24 @@ def train_lora(model_dir: str | Path, pairs, out_dir: str | Path, recipe: LoraRe
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     summary = {"pairs": len(examples), "steps": steps, "first_loss": losses[0], "last_loss": losses[-1],
-               "train_s": time.perf_counter() - start, "recipe": asdict(recipe),
+               "train_s": time.perf_counter() - start, "recipe": asdict(recipe), "prompt_style": style,
                "target_modules": TARGET_MODULES}
     (out_dir / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
-def ensure_lora(model_dir: str | Path, pairs, out_dir: str | Path, recipe: LoraRecipe = LoraRecipe()) -> dict:
-    """The adapter in out_dir, trained unless one from the same pairs and recipe is already there."""
+def ensure_lora(model_dir: str | Path, pairs, out_dir: str | Path, recipe: LoraRecipe = LoraRecipe(),
+                style: str = "chat") -> dict:
+    """The adapter in out_dir, trained unless one from the same pairs, recipe and prompt style is
+    already there."""
     out_dir = Path(out_dir)
     done = out_dir / "training.json"
     if done.exists() and (out_dir / "adapter_model.safetensors").exists():
         summary = json.loads(done.read_text())
-        if summary["pairs"] == len(pairs) and summary["recipe"] == asdict(recipe):
+        if (summary["pairs"] == len(pairs) and summary["recipe"] == asdict(recipe)
+                and summary.get("prompt_style", "chat") == style):
             return summary
-    return train_lora(model_dir, pairs, out_dir, recipe)
+    return train_lora(model_dir, pairs, out_dir, recipe, style)
 
 
 def main() -> None:
@@ -135,13 +153,15 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=LoraRecipe.min_steps)
     parser.add_argument("--batch-size", type=int, default=LoraRecipe.batch_size)
     parser.add_argument("--lr", type=float, default=LoraRecipe.lr)
+    parser.add_argument("--prompt-style", choices=["chat", "completion"], default="chat",
+                        help="completion: plain-text prompts, for a base model")
     args = parser.parse_args()
     from icv_vllm.vectors import read_pairs_jsonl
 
     pairs = read_pairs_jsonl(args.pairs)[: args.num_pairs or None]
     recipe = LoraRecipe(rank=args.rank, epochs=args.epochs, min_steps=args.min_steps, batch_size=args.batch_size,
                         lr=args.lr)
-    print(json.dumps(train_lora(args.model, pairs, args.out, recipe), indent=1))
+    print(json.dumps(train_lora(args.model, pairs, args.out, recipe, args.prompt_style), indent=1))
 
 
 if __name__ == "__main__":

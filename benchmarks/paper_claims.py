@@ -41,7 +41,7 @@ from pathlib import Path
 
 import quality
 from lora_baseline import LoraRecipe, ensure_lora
-from quality import INSTRUCTION, REPO, TASKS, aggregate, chat_prompt, read_inputs
+from quality import INSTRUCTION, REPO, TASKS, aggregate, make_prompt, prompt_style, read_inputs, stop_strings
 
 TASK_NAMES = ["polite", "formal"]
 PAIRS = {name: REPO / "benchmarks" / "quality_data" / f"{name}_pairs.jsonl" for name in TASK_NAMES}
@@ -73,7 +73,7 @@ def task_scales(model: str, given: list[float] | None) -> dict[str, float]:
             for t in TASK_NAMES}
 
 
-def prepare(model_dir: Path, work: Path, num_pairs: list[int], recipe: LoraRecipe) -> dict:
+def prepare(model_dir: Path, work: Path, num_pairs: list[int], recipe: LoraRecipe, style: str) -> dict:
     """Vectors <task>-<N>.safetensors and LoRA adapters lora/<task>-<N>/ under work (made when missing)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,7 +95,7 @@ def prepare(model_dir: Path, work: Path, num_pairs: list[int], recipe: LoraRecip
                 extract_icv(model, pairs[:n], tokenizer=tokenizer, progress=False,
                             model_name=str(model_dir)).save(path)
                 times[f"extract {vector_name(task, n)}"] = time.perf_counter() - start
-            summary = ensure_lora(model_dir, pairs[:n], work / "lora" / vector_name(task, n), recipe)
+            summary = ensure_lora(model_dir, pairs[:n], work / "lora" / vector_name(task, n), recipe, style)
             times[f"lora {vector_name(task, n)}"] = summary["train_s"]
     return times
 
@@ -118,6 +118,7 @@ def steer_phase(args, model_dir: Path, work: Path) -> None:
     llm = LLM(str(model_dir), enforce_eager=True, max_model_len=context, seed=0,
               additional_config={"icv_vllm": {"dir": str(work / "vectors")}})
     tokenizer = llm.get_tokenizer()
+    style = prompt_style(model_dir.name)
     scales = json.loads(args.scales_json)
     subsets = layer_subsets(config.num_hidden_layers)
     ref = {t: f"{vector_name(t, REFERENCE_PAIRS)}:{scales[t]:g}" for t in TASK_NAMES}
@@ -129,7 +130,8 @@ def steer_phase(args, model_dir: Path, work: Path) -> None:
         ways = [("none", "pairs", 0, [], None)]
         for n in args.num_pairs:
             demos = [(INSTRUCTION.format(p.input), p.target) for p in pairs[:n]]
-            longest = max(len(tokenizer.encode(chat_prompt(tokenizer, demos, INSTRUCTION.format(t)))) for t in inputs)
+            longest = max(len(tokenizer.encode(make_prompt(style, tokenizer, demos, INSTRUCTION.format(t))))
+                          for t in inputs)
             if longest + args.max_tokens <= context:
                 ways.append((f"icl {n}", "pairs", n, demos, None))
             else:
@@ -142,11 +144,12 @@ def steer_phase(args, model_dir: Path, work: Path) -> None:
         both = ",".join(f"{vector_name(t, REFERENCE_PAIRS)}:{2 * scales[t]:g}" for t in TASK_NAMES)
         ways.append(("icv polite+formal", "arithmetic", REFERENCE_PAIRS, [], both))
         for label, group, n, demos, spec in ways:
-            sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, extra_args={"icv": spec} if spec else None)
+            sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=stop_strings(style),
+                                extra_args={"icv": spec} if spec else None)
             for i, text in enumerate(inputs):
                 records.append({"task": task, "way": label, "group": group, "n_pairs": n, "icl": bool(demos),
                                 "spec": spec, "i": i, "input": text})
-                prompts.append(chat_prompt(tokenizer, demos, INSTRUCTION.format(text)))
+                prompts.append(make_prompt(style, tokenizer, demos, INSTRUCTION.format(text)))
                 params.append(sp)
     print(f"[steer] generating {len(prompts)} outputs", flush=True)
     generate_s, out_tokens, zero_shot = quality.complete(llm, records, prompts, params)
@@ -168,16 +171,17 @@ def lora_phase(args, model_dir: Path, work: Path) -> None:
     llm = LLM(str(model_dir), enforce_eager=True, max_model_len=2048, seed=0, enable_lora=True,
               max_loras=len(adapters), max_lora_rank=recipe.rank)
     tokenizer = llm.get_tokenizer()
+    style = prompt_style(model_dir.name)
     records, prompts, requests = [], [], []
     for lora_id, (task, n) in enumerate(adapters, start=1):
         request = LoRARequest(vector_name(task, n), lora_id, str(work / "lora" / vector_name(task, n)))
         for i, text in enumerate(read_inputs(TASKS[task].inputs)[: args.limit or None]):
             records.append({"task": task, "way": f"lora {n}", "group": "pairs", "n_pairs": n, "icl": False,
                             "spec": None, "i": i, "input": text})
-            prompts.append(chat_prompt(tokenizer, [], INSTRUCTION.format(text)))
+            prompts.append(make_prompt(style, tokenizer, [], INSTRUCTION.format(text)))
             requests.append(request)
     print(f"[lora] generating {len(prompts)} outputs", flush=True)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=stop_strings(style))
     generate_s, out_tokens, _ = quality.complete(llm, records, prompts, params, lora_request=requests)
     del llm
     write_phase(args.phase_out, records, {"generate": generate_s, "output_tokens": out_tokens})
@@ -245,7 +249,7 @@ def section(res: dict) -> list[str]:
         cells = [pct(rows[w][key]) if w in rows else "–" for w in (f"icv {n}", f"icl {n}", f"lora {n}", "none")]
         lines.append(f"| {TASKS[task].description} ({n} pairs) | {what} | {' | '.join(cells)} | "
                      f"{paper['icv']} / {paper['icl']} / {paper['lora']} % ({paper['metric']}) |")
-    lines += ["", "Different model (135M vs 7B parameters), judges (alt-profanity-check and the F-score vs the "
+    lines += ["", "Different model (far smaller than Falcon-7B), judges (alt-profanity-check and the F-score vs the "
               "paper's Perspective API and formality classifier) and data: compare the order of the ways, not "
               "the values.", ""]
     # quality vs number of pairs
@@ -347,7 +351,8 @@ def write_report(out_dir: Path) -> None:
     head = ["# The paper's other claims: LoRA, number of pairs, layer subsets, vector arithmetic", "",
             "Generated by `benchmarks/paper_claims.py` (judges, success, joint, perplexity and degeneration as in "
             "[quality.md](quality.md)). Every input is asked "
-            f"`{INSTRUCTION.format('<input>')}` in the chat template; greedy. **icl N**: the first N pairs of "
+            f"`{INSTRUCTION.format('<input>')}` in the chat template (a base model in plain text, as in "
+            "quality.md); greedy. **icl N**: the first N pairs of "
             "benchmarks/quality_data/<task>_pairs.jsonl as chat turns; **icv N**: the vector extracted (pca) from "
             "them; **lora N**: a rank-8 LoRA adapter (every linear projection) trained on them with peft on the "
             "CPU (benchmarks/lora_baseline.py), served by vLLM's LoRA support in a second engine without the "
@@ -392,7 +397,7 @@ def main() -> None:
             raise SystemExit(f"--num-pairs must include {REFERENCE_PAIRS} (the layers and arithmetic groups use it)")
         t0 = time.perf_counter()
         scales = task_scales(args.model, args.scales)
-        prep = prepare(model_dir, work, sorted(args.num_pairs), LoraRecipe())
+        prep = prepare(model_dir, work, sorted(args.num_pairs), LoraRecipe(), prompt_style(args.model))
         env = dict(os.environ, VLLM_NO_USAGE_STATS="1")
         lora = run_phase("lora", args, work, scales, dict(env, VLLM_PLUGINS="none"))
         steer = run_phase("steer", args, work, scales, env)
@@ -404,7 +409,7 @@ def main() -> None:
         raw.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "out_ids"}) + "\n" for r in records))
         lora_info = {vector_name(t, n): json.loads((work / "lora" / vector_name(t, n) / "training.json").read_text())
                      for t in TASK_NAMES for n in sorted(args.num_pairs)}
-        res = {"model": args.model, "scales": scales, "num_pairs": sorted(args.num_pairs),
+        res = {"model": args.model, "prompt_style": prompt_style(args.model), "scales": scales, "num_pairs": sorted(args.num_pairs),
                "max_tokens": args.max_tokens, "requests": len(records), "context": steer["info"]["context"],
                "icl_too_long": steer["info"]["icl_too_long"], "judge_versions": versions,
                "limit_note": f"first {args.limit} inputs per task (a quick look); " if args.limit else "",

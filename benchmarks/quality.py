@@ -77,7 +77,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# benchmarks/icv_vs_icl.py imports HELD_OUT, INSTRUCTION and chat_prompt from here.
+# benchmarks/icv_vs_icl.py, paper_claims.py and lora_baseline.py import HELD_OUT, INSTRUCTION and the
+# prompt builders from here.
 HELD_OUT = [
     "Move your stupid car, idiot.",
     "Nobody cares about your dumb opinion.",
@@ -99,6 +100,30 @@ def chat_prompt(tokenizer, turns: list[tuple[str, str]], final: str) -> str:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     messages.append({"role": "user", "content": final})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+ANSWER_CUE = "Rewritten:"
+
+
+def completion_prompt(turns: list[tuple[str, str]], final: str) -> str:
+    """Plain text for a base model, which a chat template only confuses (it echoes the template and
+    repeats itself): each demonstration as "<instruction>\nRewritten: <target>\n\n", then
+    "<final>\nRewritten:". The answer is the rest of that line (generation stops at a newline)."""
+    return "".join(f"{user}\n{ANSWER_CUE} {assistant}\n\n" for user, assistant in turns) + f"{final}\n{ANSWER_CUE}"
+
+
+def make_prompt(style: str, tokenizer, turns: list[tuple[str, str]], final: str) -> str:
+    """The prompt in the model's style: "chat" (its chat template) or "completion" (plain text)."""
+    if style == "chat":
+        return chat_prompt(tokenizer, turns, final)
+    if style == "completion":
+        return completion_prompt(turns, final)
+    raise ValueError(f"unknown prompt style {style!r}")
+
+
+def stop_strings(style: str) -> list[str] | None:
+    """A completion-style answer ends at the end of its line; a chat answer at the end of its turn."""
+    return ["\n"] if style == "completion" else None
 
 
 @dataclass(frozen=True)
@@ -124,15 +149,23 @@ TASKS = {
 # λ sweeps per model (the coherent range differs by model; README "Two commands", benchmarks/real_models.py)
 MODELS = {
     "SmolLM2-135M-Instruct": {"scales": [0.01, 0.02, 0.03, 0.05, 0.08], "combo": [0.03, 0.05]},
-    "gemma-3-270m": {"scales": [0.01, 0.02, 0.04, 0.06, 0.1], "combo": [0.04, 0.06]},
+    "gemma-3-270m": {"scales": [0.01, 0.02, 0.04, 0.06, 0.1], "combo": [0.04, 0.06], "prompt": "completion"},
     "Qwen2.5-Coder-0.5B": {"scales": [0.02, 0.04, 0.08, 0.12, 0.18], "combo": [0.08, 0.12]},
 }
 MODEL_NOTES = {
-    "gemma-3-270m": "Gemma-3-270M is the *base* model (not instruction-tuned): given the chat prompt it echoes the "
-                    "instruction and repeats itself until the token limit, so most outputs of every way count as "
-                    "degenerate and the joint scores say little about steering.",
+    "gemma-3-270m": "Gemma-3-270M is the *base* model (not instruction-tuned): a chat template only confuses it "
+                    "(given one it echoes the instruction and repeats itself until the token limit), so it is "
+                    f"prompted in plain text, `{INSTRUCTION.format('<input>')}` then a line `{ANSWER_CUE}`, "
+                    "with the demonstrations as such blocks before it for ICL, and its answer is the rest of that "
+                    "line. Unsteered, it mostly copies the input (chrF near 100); with demonstrations it often "
+                    "copies a demonstration's target.",
 }
 DEFAULT_SWEEP = {"scales": [0.01, 0.02, 0.04, 0.08, 0.15], "combo": [0.04]}
+
+
+def prompt_style(model: str) -> str:
+    """How a model is prompted: "completion" for the base models listed in MODELS, else "chat"."""
+    return MODELS.get(model, {}).get("prompt", "chat")
 
 JUDGE_LABELS = {"profanity": "profanity P", "sentiment": "VADER", "formality": "formality F"}
 DEGENERATE_REP4 = 0.2
@@ -322,7 +355,7 @@ def run_model(model: str, args, tasks: list[Task]) -> dict:
     model_dir = Path(args.models_dir) / model
     if not (model_dir / "config.json").exists():
         raise SystemExit(f"{model_dir} has no model: build it with `.venv/bin/icv-vllm demo-model --name {model}`")
-    sweep = dict(MODELS.get(model, DEFAULT_SWEEP))
+    sweep = {k: v for k, v in MODELS.get(model, DEFAULT_SWEEP).items() if k in ("scales", "combo")}
     if args.scales:
         sweep["scales"] = args.scales
     if args.combo_scales is not None:
@@ -341,6 +374,7 @@ def run_model(model: str, args, tasks: list[Task]) -> dict:
     engine_s = time.perf_counter() - start
     tokenizer = llm.get_tokenizer()
     ways = ways_for(sweep)
+    style = prompt_style(model)
 
     # every request of every task and way, in one batch
     records, prompts, params = [], [], []
@@ -348,10 +382,10 @@ def run_model(model: str, args, tasks: list[Task]) -> dict:
         inputs = read_inputs(task.inputs)[: args.limit or None]
         demos = [(INSTRUCTION.format(p.input), p.target) for p in read_pairs_jsonl(task.pairs)]
         for label, with_demos, scale in ways:
-            sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
+            sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=stop_strings(style),
                                 extra_args={"icv": f"{task.name}:{scale:g}"} if scale is not None else None)
             for i, text in enumerate(inputs):
-                prompt = chat_prompt(tokenizer, demos if with_demos else [], INSTRUCTION.format(text))
+                prompt = make_prompt(style, tokenizer, demos if with_demos else [], INSTRUCTION.format(text))
                 records.append({"task": task.name, "way": label, "scale": scale, "icl": with_demos, "i": i,
                                 "input": text})
                 prompts.append(prompt)
@@ -370,7 +404,7 @@ def run_model(model: str, args, tasks: list[Task]) -> dict:
         for rec in records:
             f.write(json.dumps({k: v for k, v in rec.items() if k != "out_ids"}) + "\n")
 
-    result = {"model": model, "max_tokens": args.max_tokens, "sweep": sweep, "ways": [w[0] for w in ways],
+    result = {"model": model, "max_tokens": args.max_tokens, "prompt_style": style, "sweep": sweep, "ways": [w[0] for w in ways],
               "judge_versions": versions, "tasks": {},
               "timing_s": {"extract": extract_s, "engine_start": engine_s, "generate": generate_s,
                            "perplexity_pass": ppl_s, "judges": judge_s,
@@ -532,7 +566,8 @@ def write_report(out_dir: Path) -> None:
         "",
         "Generated by `benchmarks/quality.py` (rerun: `.venv/bin/python benchmarks/quality.py --models "
         "<name>`; judges from `benchmarks/requirements-quality.txt` in `.cache/judges-venv`). Every input is "
-        f"asked `{INSTRUCTION.format('<input>')}` in the model's chat template; greedy, "
+        f"asked `{INSTRUCTION.format('<input>')}` in the model's chat template (a base model: in plain text, "
+        "see its section); greedy, "
         f"{results[0]['max_tokens']} new tokens. **none**: that alone; **icl**: the task's 5 demonstration pairs "
         "as chat turns before it; **icv λ**: that alone, steered by the vector extracted (pca) from the same 5 "
         "pairs at strength λ; **icv+icl λ**: both. The inputs (benchmarks/quality_data/) were written for this "

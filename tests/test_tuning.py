@@ -341,7 +341,8 @@ class _Engine:
         from types import SimpleNamespace
 
         self.step_s = step_s
-        self.vllm_config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=64, model="m"))
+        self.vllm_config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=64, model="m"),
+                                           parallel_config=SimpleNamespace(data_parallel_size=1))
         self.in_flight = self.max_in_flight = 0
         self.aborted = 0
         self.captured = {}
@@ -351,7 +352,7 @@ class _Engine:
     def output_ids(scale: float) -> list[int]:
         return [3, 4 + round(scale * 10), 5]
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, data_parallel_rank=None):
         import asyncio
         from types import SimpleNamespace
 

@@ -15,6 +15,14 @@ Finished captures are collected every ``COLLECT_EVERY``, which bounds what
 the workers hold. Cancelling the caller aborts the requests in flight (vLLM
 aborts a request whose ``generate`` is cancelled), starts no more, and
 collects what the finished ones left behind.
+
+Under data parallelism this API server feeds several engine cores, and each
+records only the captures it ran. vLLM's collective RPC asks every engine and
+answers with the first one's result, so every capture request is routed to
+that same first engine (``data_parallel_rank=0``: the index among this
+client's engines) and the other engines answer the RPC with nothing instead
+of refusing ids they never saw. A capture that no engine returns is still an
+error (the final check below).
 """
 
 from __future__ import annotations
@@ -35,16 +43,24 @@ COLLECT_EVERY = 64
 CLEANUP_TIMEOUT_S = 2.0
 
 
-async def _run_one(engine_client: Any, capture_id: str, ids: list[int]) -> None:
+def several_engines(engine_client: Any) -> bool:
+    """Whether this API server may feed more than one engine core (data parallelism)."""
+    parallel = engine_client.vllm_config.parallel_config
+    return int(getattr(parallel, "data_parallel_size", 1) or 1) > 1
+
+
+async def _run_one(engine_client: Any, capture_id: str, ids: list[int], pinned: bool) -> None:
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={CAPTURE_EXTRA_ARGS_KEY: capture_id})
-    async for _ in engine_client.generate({"prompt_token_ids": ids}, params, f"{REQUEST_ID_PREFIX}{capture_id}"):
+    async for _ in engine_client.generate({"prompt_token_ids": ids}, params, f"{REQUEST_ID_PREFIX}{capture_id}",
+                                          data_parallel_rank=0 if pinned else None):
         pass
 
 
-async def _take(engine_client: Any, capture_ids: list[str]) -> dict:
-    per_worker = await engine_client.collective_rpc(CAPTURE_RPC_METHOD, args=(capture_ids,))
+async def _take(engine_client: Any, capture_ids: list[str], pinned: bool) -> dict:
+    # pinned: the engines that did not run the captures answer {} (the first engine's answer is ours)
+    per_worker = await engine_client.collective_rpc(CAPTURE_RPC_METHOD, args=(capture_ids, pinned))
     return per_worker[0]  # every tensor-parallel rank holds the same full streams
 
 
@@ -55,6 +71,7 @@ async def capture_residual_streams(engine_client: Any, token_id_lists: list[list
     if not token_id_lists or any(len(ids) == 0 for ids in token_id_lists):
         raise ValueError("every text must tokenize to at least one token")
     capture_ids = [CAPTURE_IDS.issue(True) for _ in token_id_lists]
+    pinned = several_engines(engine_client)
     slots = asyncio.Semaphore(window)
     rows: dict[str, Any] = {}
     uncollected: list[str] = []  # finished, still in the workers
@@ -62,11 +79,11 @@ async def capture_residual_streams(engine_client: Any, token_id_lists: list[list
     async def collect() -> None:
         batch = uncollected[:]
         del uncollected[:]
-        rows.update(await _take(engine_client, batch))
+        rows.update(await _take(engine_client, batch, pinned))
 
     async def run(capture_id: str, ids: list[int]) -> None:
         async with slots:
-            await _run_one(engine_client, capture_id, ids)
+            await _run_one(engine_client, capture_id, ids, pinned)
         uncollected.append(capture_id)
         if len(uncollected) >= collect_every:
             await collect()

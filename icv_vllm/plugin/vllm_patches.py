@@ -534,10 +534,10 @@ def _batch_condense(original):
 def _add_worker_rpc(module: ModuleType) -> None:
     _, _, worker_base = _lookup(module, WORKER_BASE)
 
-    def icv_take_captures(self, capture_ids: list[str]) -> dict:
+    def icv_take_captures(self, capture_ids: list[str], absent_ok: bool = False) -> dict:
         from ..worker.runtime import RUNTIME
 
-        return RUNTIME.take_captures(capture_ids)
+        return RUNTIME.take_captures(capture_ids, absent_ok)
 
     worker_base.icv_take_captures = icv_take_captures
 

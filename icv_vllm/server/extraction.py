@@ -25,7 +25,7 @@ from typing import Any
 from ..spec import ICVSpecError, validate_name
 from ..vectors.pairs import DemoPair, PairsError, extraction_texts, pairs_from_records
 from .errors import ICVHTTPError
-from .vllm_hooks import engine_tokenizer
+from .vllm_hooks import check_data_parallel_routing, engine_tokenizer
 
 METHODS = ("pca", "mean")
 # Bound one request's work, checked before anything is tokenized:
@@ -37,20 +37,12 @@ CREATE_KEYS = ("name", "pairs", "method", "overwrite")
 
 
 def check_captures_possible(engine_client: Any, what: str) -> None:
-    """501 when the engine cannot serve capture requests (in-server extraction
-    and tuning both record residual streams): under data parallelism each
-    engine core records its own captures, while vLLM's collective RPC goes to
-    every engine of this API server and returns the first one's answer, so the
-    engines that did not run a capture refuse to hand it out. Checked before
-    any forward pass."""
-    parallel = getattr(getattr(engine_client, "vllm_config", None), "parallel_config", None)
-    size = int(getattr(parallel, "data_parallel_size", 1) or 1)
-    if size > 1:
-        raise ICVHTTPError(
-            501, f"{what} is not available with data parallelism (--data-parallel-size {size}): the captures "
-                 "it needs would be spread over several engine cores; use the offline commands "
-                 "(icv-vllm extract, icv-vllm tune) or a server without data parallelism, and copy the file "
-                 "into the vector directory (requests use it at once)")
+    """Before any forward pass: under data parallelism the captures are routed
+    to one engine core (``capture_client``), through a vLLM parameter checked here."""
+    from ..frontend.capture_client import several_engines
+
+    if several_engines(engine_client):
+        check_data_parallel_routing(engine_client, what)
 
 
 @dataclass(frozen=True)

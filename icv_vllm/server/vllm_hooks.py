@@ -27,6 +27,9 @@ which looks the name up in its own module, so we patch that module.
 | ``vllm.exceptions.VLLMClientError`` | what the plugin's admission check raises for a bad selection |
 | ``engine_client.renderer.get_tokenizer()`` | the engine's own tokenizer, for in-server extraction |
 | ``engine_client.vllm_config.model_config.max_model_len`` / ``.model`` | refuse over-long demonstrations; the model recorded in a created vector |
+| ``engine_client.vllm_config.parallel_config.data_parallel_size`` | more than one engine core behind this API server: in-server captures must all go to one of them |
+| ``engine_client.generate(..., data_parallel_rank=)`` | route each capture request to this API server's first engine core (an index among its engines; the parameter is checked) |
+| ``engine_client.collective_rpc`` under data parallelism | reaches every engine core and answers with the first one's result (``DPLBAsyncMPClient.call_utility_async``): the engine the captures were routed to |
 | Starlette ``app.user_middleware`` / ``app.middleware_stack`` | our middleware goes innermost; the stack that vLLM's SageMaker bootstrap pre-builds is rebuilt |
 
 Each lookup fails with :class:`VLLMServerHookError` naming the attribute,
@@ -182,6 +185,23 @@ def state_attr(state: Any, name: str) -> Any:
             f"{VLLM_VERSION_READ}) no longer provides it, or the app has not started"
         )
     return value
+
+
+DP_RANK_PARAM = "data_parallel_rank"
+
+
+def check_data_parallel_routing(engine_client: Any, what: str) -> None:
+    """``generate`` must still take ``data_parallel_rank``, which sends a request
+    to one chosen engine core of this API server."""
+    try:
+        parameters = inspect.signature(engine_client.generate).parameters
+    except (AttributeError, TypeError, ValueError):
+        parameters = {}
+    if DP_RANK_PARAM not in parameters:
+        raise VLLMServerHookError(
+            f"engine_client.generate no longer takes {DP_RANK_PARAM} (icv-vllm serve read vllm "
+            f"{VLLM_VERSION_READ}); {what} under data parallelism needs it to send every capture to one "
+            "engine core")
 
 
 def engine_tokenizer(engine_client: Any) -> Any:

@@ -38,9 +38,12 @@ class CaptureRecorder:
                 stream = stream + residual[index].float()
             self._captures[capture_id]["layers"][layer] = stream.cpu()
 
-    def take(self, capture_ids: list[str]) -> dict[str, Any]:
+    def take(self, capture_ids: list[str], absent_ok: bool = False) -> dict[str, Any]:
         """Pop finished captures as {id: [[embedding], [layer 0], ...]} rows
-        (plain lists: they cross process boundaries through vLLM's RPC)."""
+        (plain lists: they cross process boundaries through vLLM's RPC).
+        absent_ok: skip ids this worker never recorded (under data parallelism
+        another engine core ran them; the caller checks that every id came
+        back); a capture recorded for only some layers is an error either way."""
         out: dict[str, Any] = {}
         if len(self._held) != self._num_layers:
             raise RuntimeError(
@@ -49,6 +52,8 @@ class CaptureRecorder:
                 "offline with `icv-vllm extract` and copy the file into the vector directory")
         for capture_id in capture_ids:
             entry = self._captures.pop(capture_id, None)
+            if entry is None and absent_ok:
+                continue
             missing = None if entry is None else [l for l in range(self._num_layers) if l not in entry["layers"]]
             if entry is None or missing:
                 raise RuntimeError(

@@ -157,10 +157,10 @@ class SteeringRuntime:
         if self.ready and self.captures.step_captures:
             self.captures.record(hidden_states, residual, layer)
 
-    def take_captures(self, capture_ids: list[str]) -> dict[str, Any]:
+    def take_captures(self, capture_ids: list[str], absent_ok: bool = False) -> dict[str, Any]:
         if not self.ready:
             raise RuntimeError("icv: steering is not set up in this worker (no vector directory configured)")
-        return self.captures.take(capture_ids)
+        return self.captures.take(capture_ids, absent_ok)
 
 
 def _layers_of_this_rank(runner: Any, num_layers: int) -> range:

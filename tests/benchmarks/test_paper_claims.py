@@ -55,6 +55,21 @@ def test_training_examples_label_only_the_answer(tiny_llama_dir):
     assert ids[-1] in tokenizer.all_special_ids  # the end-of-turn token closes the answer
 
 
+def test_completion_examples_end_the_answer_with_the_newline_inference_stops_at(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from icv_vllm.vectors.pairs import DemoPair
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    pair = DemoPair("Shut the door.", "Could you close the door, please?")
+    (ids, n_prompt), = lora_baseline.training_examples(tokenizer, [pair], "completion")
+    prompt = quality.make_prompt("completion", tokenizer, [], quality.INSTRUCTION.format(pair.input))
+    assert ids[:n_prompt] == tokenizer(prompt)["input_ids"]  # what vLLM is given at inference
+    answer = tokenizer.decode(ids[n_prompt:])
+    assert answer.strip() == pair.target and answer.endswith("\n")
+    assert quality.stop_strings("completion") == ["\n"]  # where inference ends the same answer
+
+
 def test_train_lora_writes_an_adapter_that_fits_the_pairs(tiny_llama_dir, tmp_path):
     import torch
     from peft import PeftModel
@@ -76,3 +91,4 @@ def test_train_lora_writes_an_adapter_that_fits_the_pairs(tiny_llama_dir, tmp_pa
     # the same pairs and recipe are not trained twice
     again = lora_baseline.ensure_lora(tiny_llama_dir, pairs, tmp_path / "adapter", recipe)
     assert again == summary
+    assert summary["prompt_style"] == "chat"

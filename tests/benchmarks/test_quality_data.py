@@ -76,3 +76,13 @@ def test_degeneration_measure():
 def test_chat_prompt_kept_for_icv_vs_icl():
     # benchmarks/icv_vs_icl.py imports these names
     assert callable(quality.chat_prompt) and "{}" in quality.INSTRUCTION and len(quality.HELD_OUT) == 8
+
+
+def test_base_models_are_prompted_in_plain_text():
+    assert quality.prompt_style("gemma-3-270m") == "completion"
+    assert quality.prompt_style("SmolLM2-135M-Instruct") == quality.prompt_style("an unknown model") == "chat"
+    assert quality.stop_strings("chat") is None
+    prompt = quality.completion_prompt([("Rewrite this sentence: a", "b")], "Rewrite this sentence: c")
+    assert prompt == "Rewrite this sentence: a\nRewritten: b\n\nRewrite this sentence: c\nRewritten:"
+    with pytest.raises(ValueError, match="unknown prompt style"):
+        quality.make_prompt("instruct", None, [], "x")

@@ -35,11 +35,13 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.captured: dict = {}
         self.rpc_calls = 0
-        self.vllm_config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=64, model="m"))
+        self.vllm_config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=64, model="m"),
+                                           parallel_config=SimpleNamespace(data_parallel_size=1))
         self.renderer = SimpleNamespace(get_tokenizer=FakeTokenizer)
         self.errored = False
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, data_parallel_rank=None):
+        assert data_parallel_rank is None  # one engine: vLLM's own routing
         capture_id = params.extra_args["icv_capture"]
         assert CAPTURE_IDS.take(capture_id) is True  # what admission does: once only
         self.in_flight += 1
@@ -59,6 +61,48 @@ class FakeEngine:
         assert method == "icv_take_captures"
         self.rpc_calls += 1
         return [{c: self.captured.pop(c) for c in args[0] if c in self.captured}]
+
+
+class TwoEngines:
+    """Data parallelism as vLLM's DP client does it: ``data_parallel_rank``
+    picks an engine (else round robin), ``collective_rpc`` asks every engine
+    and answers with the first one's result; each engine's workers refuse ids
+    they never recorded unless told ``absent_ok``."""
+
+    def __init__(self):
+        self.engines = [FakeEngine(step_s=0.001), FakeEngine(step_s=0.001)]
+        self.vllm_config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=64, model="m"),
+                                           parallel_config=SimpleNamespace(data_parallel_size=2))
+        self.renderer = SimpleNamespace(get_tokenizer=FakeTokenizer)
+        self.errored = False
+        self.next = 0
+        self.routed: list[int | None] = []
+
+    async def generate(self, prompt, params, request_id, data_parallel_rank=None):
+        self.routed.append(data_parallel_rank)
+        index = data_parallel_rank if data_parallel_rank is not None else self.next
+        self.next = (self.next + 1) % 2
+        async for out in self.engines[index].generate(prompt, params, request_id):
+            yield out
+
+    async def collective_rpc(self, method, args):
+        assert method == "icv_take_captures"
+        capture_ids, absent_ok = args
+        answers = []
+        for engine in self.engines:
+            if not absent_ok and any(c not in engine.captured for c in capture_ids):
+                raise RuntimeError("icv capture was not recorded")
+            answers.append((await engine.collective_rpc(method, args))[0])
+        return answers
+
+
+def test_under_data_parallelism_every_capture_goes_to_the_first_engine():
+    engine = TwoEngines()
+    ids = [[1] * (i + 1) for i in range(10)]
+    streams = asyncio.run(capture_residual_streams(engine, ids, window=4, collect_every=4))
+    assert [float(s[0, 0]) for s in streams] == [float(i + 1) for i in range(10)]
+    assert engine.routed == [0] * 10
+    assert engine.engines[1].max_in_flight == 0 and not engine.engines[0].captured
 
 
 def test_a_window_bounds_what_is_in_flight():
@@ -89,11 +133,11 @@ def test_a_failed_request_aborts_the_rest_and_frees_finished_captures():
     engine = FakeEngine(step_s=0.05)
     generate = engine.generate
 
-    async def failing(prompt, params, request_id):
+    async def failing(prompt, params, request_id, data_parallel_rank=None):
         if len(prompt["prompt_token_ids"]) == 3:
             await asyncio.sleep(0.3)  # the others finish first
             raise RuntimeError("refused by admission")
-        async for out in generate(prompt, params, request_id):
+        async for out in generate(prompt, params, request_id, data_parallel_rank):
             yield out
 
     engine.generate = failing
@@ -188,3 +232,23 @@ def test_route_stops_on_shutdown_and_writes_nothing(app):
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
     assert engine.aborted and engine.in_flight == 0
     assert not os.path.lexists(app.state.directory / "never.safetensors")
+
+
+def test_data_parallel_routing_needs_vllms_rank_parameter():
+    """Checked before any capture: the real AsyncLLM.generate takes it; an
+    engine client without it fails with what vLLM changed."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from icv_vllm.server.extraction import check_captures_possible
+    from icv_vllm.server.vllm_hooks import VLLMServerHookError, check_data_parallel_routing
+
+    check_data_parallel_routing(SimpleNamespace(generate=AsyncLLM.generate), "in-server extraction")
+    check_captures_possible(TwoEngines(), "in-server extraction")
+
+    class OldEngine(TwoEngines):
+        async def generate(self, prompt, params, request_id):
+            yield None
+
+    with pytest.raises(VLLMServerHookError, match="no longer takes data_parallel_rank.*in-server tuning"):
+        check_captures_possible(OldEngine(), "in-server tuning")
+    check_captures_possible(FakeEngine(), "in-server tuning")  # one engine: nothing to route

@@ -1,6 +1,7 @@
 """Captures for in-server extraction: a worker that holds only some decoder
 layers (a pipeline stage) refuses with a reason instead of returning partial
-streams."""
+streams; ids it never recorded are refused unless another engine core may
+have run them (data parallelism)."""
 
 import pytest
 import torch
@@ -22,3 +23,15 @@ def test_a_full_worker_returns_every_layer():
         recorder.record(torch.full((1, 3), float(layer)), None, layer)
     rows = recorder.take(["c1"])["c1"]
     assert rows == [[1.0] * 3, [0.0] * 3, [1.0] * 3]
+
+
+def test_absent_ok_skips_ids_another_engine_ran_but_not_partial_ones():
+    recorder = CaptureRecorder(2, lambda ids: torch.ones(len(ids), 3), torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="'elsewhere' was not recorded"):
+        recorder.take(["elsewhere"])
+    assert recorder.take(["elsewhere"], absent_ok=True) == {}  # under data parallelism: another engine's
+    recorder.begin("half", 7)
+    recorder.step_captures = [("half", 0)]
+    recorder.record(torch.zeros(1, 3), None, 0)
+    with pytest.raises(RuntimeError, match=r"'half' was not recorded for layers \[1\]"):
+        recorder.take(["half"], absent_ok=True)
