@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from quality import HELD_OUT, INSTRUCTION, chat_prompt
+from quality import HELD_OUT, INSTRUCTION, chat_prompt, leave_now
 
 NAMES = ["Tom", "Anna", "Raj", "Mia", "Leo", "Sara", "Omar", "Ines", "Ken", "Lucy", "Ivan", "Nora",
          "Paul", "Zoe", "Hugo", "Ada", "Max", "Eva", "Ravi", "Lena", "Sam", "Yuki", "Ben", "Ida",
@@ -128,7 +128,8 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "8")  # GiB; CPU: else a fraction of all memory
     os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see benchmarks/throughput.py
     if args.phase_out:
-        return lora_phase(args)
+        lora_phase(args)
+        leave_now()
     t0 = time.perf_counter()
 
     from icv_vllm.vectors import extract_icv

@@ -387,11 +387,7 @@ def main() -> None:
     if args.phase:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         (steer_phase if args.phase == "steer" else lora_phase)(args, model_dir, work)
-        # the results are written; vLLM's threads can abort the interpreter's teardown ("terminate
-        # called without an active exception"), so leave without it
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        quality.leave_now()
     if not args.report_only:
         if REFERENCE_PAIRS not in args.num_pairs:
             raise SystemExit(f"--num-pairs must include {REFERENCE_PAIRS} (the layers and arithmetic groups use it)")

@@ -163,6 +163,14 @@ MODEL_NOTES = {
 DEFAULT_SWEEP = {"scales": [0.01, 0.02, 0.04, 0.08, 0.15], "combo": [0.04]}
 
 
+def leave_now() -> None:
+    """End a child process whose engine phase has written its results, without the interpreter's
+    teardown: vLLM's threads can abort it ("terminate called without an active exception")."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def prompt_style(model: str) -> str:
     """How a model is prompted: "completion" for the base models listed in MODELS, else "chat"."""
     return MODELS.get(model, {}).get("prompt", "chat")
