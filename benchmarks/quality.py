@@ -149,7 +149,7 @@ TASKS = {
 # λ sweeps per model (the coherent range differs by model; README "Two commands", benchmarks/real_models.py)
 MODELS = {
     "SmolLM2-135M-Instruct": {"scales": [0.01, 0.02, 0.03, 0.05, 0.08], "combo": [0.03, 0.05]},
-    "gemma-3-270m": {"scales": [0.01, 0.02, 0.04, 0.06, 0.1], "combo": [0.04, 0.06], "prompt": "completion"},
+    "gemma-3-270m": {"scales": [0.04, 0.06, 0.08, 0.1, 0.12], "combo": [0.06, 0.08], "prompt": "completion"},
     "Qwen2.5-Coder-0.5B": {"scales": [0.02, 0.04, 0.08, 0.12, 0.18], "combo": [0.08, 0.12]},
 }
 MODEL_NOTES = {
