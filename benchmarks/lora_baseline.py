@@ -5,9 +5,9 @@ LoRA support (``LLM(enable_lora=True)`` + ``LoRARequest``).
 Training (CPU, minutes at most for the demo models): each pair becomes one chat
 exchange, the user turn ``quality.INSTRUCTION`` applied to the pair's input
 (the prompt every way of the quality benchmarks asks) and the assistant turn its
-target (for a base model, prompted in plain text: the prompt, then the target and
-the newline that ends its line); the loss is on the target's tokens only. Every linear projection of the
-decoder layers gets an adapter (rank --rank, alpha 2 x rank), trained with AdamW
+target (for a base model, prompted in plain text: the prompt, then the target
+and the newline that ends its line); the loss is on the target's tokens only.
+Every linear projection of the decoder layers gets an adapter (rank --rank, alpha 2 x rank), trained with AdamW
 for max(--epochs passes over the pairs, --min-steps steps) in batches of
 --batch-size, so a handful of pairs still gets a useful number of steps. The
 adapter folder (adapter_config.json + adapter_model.safetensors) is what vLLM's

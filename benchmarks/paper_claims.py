@@ -405,7 +405,8 @@ def main() -> None:
         raw.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "out_ids"}) + "\n" for r in records))
         lora_info = {vector_name(t, n): json.loads((work / "lora" / vector_name(t, n) / "training.json").read_text())
                      for t in TASK_NAMES for n in sorted(args.num_pairs)}
-        res = {"model": args.model, "prompt_style": prompt_style(args.model), "scales": scales, "num_pairs": sorted(args.num_pairs),
+        res = {"model": args.model, "prompt_style": prompt_style(args.model), "scales": scales,
+               "num_pairs": sorted(args.num_pairs),
                "max_tokens": args.max_tokens, "requests": len(records), "context": steer["info"]["context"],
                "icl_too_long": steer["info"]["icl_too_long"], "judge_versions": versions,
                "limit_note": f"first {args.limit} inputs per task (a quick look); " if args.limit else "",
