@@ -18,6 +18,11 @@ only the way differs (same model, greedy, --max-tokens):
              each λ of the model's sweep (--scales)
   icv+icl λ  both (--combo-scales)
 
+in the model's chat template; a base model (MODELS[...]["prompt"] ==
+"completion", e.g. gemma-3-270m) gets plain text instead: the instruction, then
+a line "Rewritten:" whose rest is the answer (generation stops at the newline),
+with the demonstrations as such blocks before it.
+
 One vLLM LLM per model (offline, enforce_eager, the vector directory given in
 additional_config={"icv_vllm": {"dir": ...}}); all ways of all tasks go to
 the engine in one LLM.generate call.
