@@ -6,7 +6,7 @@ vectors; and the same with every vector on generated tokens only
 (``positions=generated``: each token's position is checked). No engine: the runtime is built as ``setup`` builds it, and the
 per-request rows are added as vLLM's InputBatch would add them.
 
-    python benchmarks/host_step.py [--distinct 8] [--repeats 2000] [--out benchmarks/results/host_step.md]
+    .venv/bin/python benchmarks/host_step.py [--distinct 8] [--repeats 2000] [--out benchmarks/results/host_step.md]
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ batches), its ratio to each ICL (median of per-batch ratios), time to first toke
 p50/p95 over all timed requests (vLLM's RequestOutput.metrics:
 first_token_latency, from the request's arrival), prompt tokens/request.
 
-    python benchmarks/icv_vs_icl.py --model .cache/models/SmolLM2-135M-Instruct [--lora]
+    .venv/bin/python benchmarks/icv_vs_icl.py --model .cache/models/SmolLM2-135M-Instruct [--lora]
 """
 
 from __future__ import annotations

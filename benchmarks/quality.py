@@ -55,9 +55,9 @@ P >= 0.5; positive = VADER compound >= 0.05, on the inputs below 0.05;
 formal = F-score above the input's, on all inputs. Joint = success, not
 degenerate and chrF >= 20 (content kept), on the same inputs.
 
-    python benchmarks/quality.py                          # SmolLM2, all tasks
-    python benchmarks/quality.py --models gemma-3-270m --limit 20
-    python benchmarks/quality.py --report-only            # rebuild the markdown from the JSON
+    .venv/bin/python benchmarks/quality.py                          # SmolLM2, all tasks
+    .venv/bin/python benchmarks/quality.py --models gemma-3-270m --limit 20
+    .venv/bin/python benchmarks/quality.py --report-only            # rebuild the markdown from the JSON
 
 Writes docs/benchmarks/quality_<model>.json (aggregates and sample outputs),
 docs/benchmarks/quality_<model>.png (effect, content and fluency vs λ),

@@ -10,8 +10,8 @@ Modes: ``default`` leaves VLLM_USE_AOT_COMPILE unset, so ``icv-vllm serve``
 sets it to 0 on the CPU; ``aot`` sets VLLM_USE_AOT_COMPILE=1 (vLLM's own
 default with torch >= 2.10).
 
-    python benchmarks/restart_time.py                       # both modes, 3 starts each
-    python benchmarks/restart_time.py --modes default --starts 2
+    .venv/bin/python benchmarks/restart_time.py                       # both modes, 3 starts each
+    .venv/bin/python benchmarks/restart_time.py --modes default --starts 2
 """
 
 from __future__ import annotations
