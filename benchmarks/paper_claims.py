@@ -309,7 +309,6 @@ def plot(res: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     metrics = [("success", "success"), ("joint", "joint (success, kept, not degenerate)"),
                ("ppl_median", "perplexity (median, unsteered model)")]
@@ -327,17 +326,8 @@ def plot(res: dict, path: Path) -> None:
                 ax.axhline(rows["none"][key], color="gray", ls="--", label="none")
             ax.set_xscale("log", base=2)
             ax.set_xticks(res["num_pairs"], [str(n) for n in res["num_pairs"]])
-            if key == "ppl_median":
-                ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-                ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-            ax.set_xlabel("demonstration pairs")
-            ax.set_ylabel(label, fontsize=9)
-            if row == 0:
-                ax.set_title(TASKS[task].description)
-            ax.grid(alpha=0.3)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=8)
+            quality.style_panel(ax, row, col, xlabel="demonstration pairs", ylabel=label,
+                                title=TASKS[task].description, log_y=key == "ppl_median", legend_fontsize=8)
     fig.suptitle(f"{res['model']}: quality vs number of pairs (ICL stops where the prompt exceeds the context)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -612,12 +612,31 @@ def write_report(out_dir: Path) -> None:
     (out_dir / "quality.md").write_text("\n".join(head + body) + "\n")
 
 
+def style_panel(ax, row: int, col: int, *, xlabel: str, ylabel: str, title: str, log_y: bool,
+                legend_fontsize: int) -> None:
+    """The styling every panel of the benchmarks' plot grids shares (quality.py, paper_claims.py): a log y
+    axis labelled in plain numbers (perplexity), axis labels, the task as the top row's title, a light
+    grid, the legend once (top left)."""
+    import matplotlib.ticker
+
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel, fontsize=9)
+    if row == 0:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if row == 0 and col == 0:
+        ax.legend(fontsize=legend_fontsize)
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     tasks = list(res["tasks"])
     metrics = [("effect", None), ("joint", "joint (success, kept, not degenerate)"), ("chrf", "chrF vs input"),
@@ -642,23 +661,14 @@ def plot(res: dict, path: Path) -> None:
                     ax.axhline(rows[lbl][k], color=color, ls=style, label=lbl.upper() if lbl == "icl" else lbl)
             if key == "effect":
                 ax.axhline(rows["input"][k], color="black", ls=":", lw=1, label="inputs")
-            if key == "ppl_median":
-                ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-                ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             # degenerate share as text on the ICV points
             if key == "ppl_median":
                 for s, r in icv:
                     if r["degenerate"] > 0 and r[k] is not None:
                         ax.annotate(f"{r['degenerate']:.0%} deg.", (s, r[k]), fontsize=7, textcoords="offset points",
                                     xytext=(2, 4))
-            ax.set_ylabel(ylabel, fontsize=9)
-            ax.set_xlabel("λ")
-            if row == 0:
-                ax.set_title(task.description)
-            ax.grid(alpha=0.3)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=7)
+            style_panel(ax, row, col, xlabel="λ", ylabel=ylabel, title=task.description,
+                        log_y=key == "ppl_median", legend_fontsize=7)
     fig.suptitle(f"{res['model']}: effect, content and fluency vs λ (greedy, {res['max_tokens']} tokens)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
