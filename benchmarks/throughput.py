@@ -14,24 +14,28 @@ for the cores.
 Workload: --num-prompts requests sent at once, greedy, ignore_eos,
 --max-tokens each (every generate makes the same tokens). Each round, for
 every K: one short warm-up generate per engine (loads the vectors, fills the
-prefix cache alike for every engine and K), then --repeats cycles of timed
-generates in the order plain, plugin, plugin, plain (A B B A: a drift of the
-shared machine during a cycle affects both sides alike). Each timed plugin
-generate is paired with the plain one next to it, seconds apart; the ratio of
-each pair is reported, and their median over all rounds.
+prefix cache alike for every engine and K), then --repeats timed runs. A timed
+run gives every engine the same generate and lets them take turns of
+--slice-ms (each resumed, then stopped again: only one computes at a time)
+until all have finished; an engine's tokens/s is its tokens over the time it
+was running. Turns of a fraction of a second let both engines share every
+slow or fast spell of the shared machine, which whole generates in a row
+(seconds each) do not: on the 2-core machine this was written on, adjacent
+generates of one engine differed by up to 40 %, while in 28 of 30 sliced
+runs the two engines' ratio stayed within 0.96-1.04. The engine that starts
+a run alternates. The ratio of the plugin's tokens/s to plain
+vLLM's in each run is reported, and their median over all rounds.
 Cores: with --worker-cpus (default: every CPU but the first, when there are
 at least 2), each engine's model worker computes on those CPUs
 (VLLM_CPU_OMP_THREADS_BIND) and everything else of it (engine core, the LLM
 front end that feeds it) runs on the rest (taskset), so the scheduler's and
 front end's work for 256 requests does not share a core with the forward pass.
-That removes one source of noise; a shared host's own remains (on the 2-core
-machine this was written on, adjacent generates still differed by up to 40 %).
 Writes a markdown table, the raw numbers (.json) and a plot of the median
 ratio vs K (.png) next to --out. Engines run with VLLM_USE_AOT_COMPILE=0
 unless set: vllm-cpu 0.32's AOT compile cache fails to load here and
 recompiles (~2 min) at each start; the older compile cache loads in seconds.
 
-    python benchmarks/throughput.py --model .cache/models/SmolLM2-135M-Instruct \\
+    .venv/bin/python benchmarks/throughput.py --model .cache/models/SmolLM2-135M-Instruct \\
         --num-prompts 256 --max-tokens 32 --rounds 3
 """
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import statistics
 import subprocess
@@ -52,8 +57,10 @@ GOAL = 0.95
 
 
 def _worker(args: argparse.Namespace) -> None:
-    """One engine, kept alive: reads K per line on stdin, answers a JSON line
-    with the best output tokens/s. vLLM's own output goes to stderr."""
+    """One engine, kept alive: reads "warm K" or "time K" per line on stdin,
+    answers a JSON line (for "time": the output tokens it made; the time is
+    measured by the caller, who stops and resumes it). vLLM's own output goes
+    to stderr."""
     results = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     from vllm import LLM, SamplingParams
@@ -76,21 +83,16 @@ def _worker(args: argparse.Namespace) -> None:
             llm.generate(prompts, params(int(k), min(4, args.max_tokens)), use_tqdm=False)
             print(json.dumps({"warm": int(k)}), file=results, flush=True)
             continue
-        start = time.perf_counter()
         outs = llm.generate(prompts, params(int(k), args.max_tokens), use_tqdm=False)
-        elapsed = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        print(json.dumps({"k": int(k), "tokens_per_s": tokens / elapsed}), file=results, flush=True)
+        print(json.dumps({"k": int(k), "tokens": tokens}), file=results, flush=True)
 
 
 class _Engine:
-    """A worker process and its log file."""
+    """An engine process (its own process group: the engine core with it) and its log file."""
 
-    def __init__(self, name: str, env: dict[str, str], log: Path, host_cpus: str | None):
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path):
         self.name, self.log = name, log
-        cmd = [sys.executable, __file__, "--engine", name] + sys.argv[1:]
-        if host_cpus:  # the worker sets its own affinity (VLLM_CPU_OMP_THREADS_BIND) when it starts
-            cmd = ["taskset", "-c", host_cpus] + cmd
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=log.open("w"), text=True, start_new_session=True)
 
@@ -111,20 +113,56 @@ class _Engine:
     def wait_ready(self) -> None:
         assert self._answer().strip() == "READY"
 
+    def send(self, what: str, k: int) -> None:
+        """Queues one command ("warm" or "time" at K); a stopped engine reads it when resumed."""
+        self.proc.stdin.write(f"{what} {k}\n")
+        self.proc.stdin.flush()
+
     def ask(self, what: str, k: int) -> dict:
-        """Runs the engine for one command ("warm" or "time" at K), stopped again afterwards."""
+        """Runs the engine alone for one command, stopped again afterwards."""
+        self.send(what, k)
         self.resume()
         try:
-            self.proc.stdin.write(f"{what} {k}\n")
-            self.proc.stdin.flush()
             return json.loads(self._answer())
         finally:
             self.pause()
+
+    def run_for(self, seconds: float) -> tuple[float, dict | None]:
+        """Lets the engine run for up to `seconds` or until it answers, then stops
+        it. Returns the time it ran and its answer (None if it has not answered)."""
+        start = time.perf_counter()
+        self.resume()
+        try:
+            answered, _, _ = select.select([self.proc.stdout], [], [], seconds)
+        finally:
+            self.pause()
+        ran = time.perf_counter() - start
+        # the answer is one small line written at once; an engine that died answers EOF
+        return ran, (json.loads(self._answer()) if answered else None)
 
     def close(self) -> None:
         self.resume()
         self.proc.stdin.close()
         self.proc.wait()
+
+
+def _timed_run(engines: list[_Engine], k: int, slice_s: float) -> dict[str, float]:
+    """One timed generate at K on every engine, the engines taking turns of
+    slice_s in the given order until each has answered. Returns each engine's
+    output tokens per second of the time it ran."""
+    for engine in engines:
+        engine.send("time", k)
+    ran = {engine.name: 0.0 for engine in engines}
+    tokens_per_s: dict[str, float] = {}
+    while len(tokens_per_s) < len(engines):
+        for engine in engines:
+            if engine.name in tokens_per_s:
+                continue
+            seconds, answer = engine.run_for(slice_s)
+            ran[engine.name] += seconds
+            if answer is not None:
+                tokens_per_s[engine.name] = answer["tokens"] / ran[engine.name]
+    return tokens_per_s
 
 
 def _cpu_list(text: str) -> set[int]:
@@ -151,7 +189,7 @@ def _write_vectors(model: str, directory: Path, count: int) -> None:
 
 
 def _plot(path: Path, ks: list[int], series: dict[str, list[list[float]]], title: str) -> None:
-    """Median ratio vs K per engine (lines), each pair's ratio (grey dots), the goal line."""
+    """Median ratio vs K per engine (lines), each run's ratio (grey dots), the goal line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,7 +202,7 @@ def _plot(path: Path, ks: list[int], series: dict[str, list[list[float]]], title
         per_k = [ratios for ratios in per_k if ratios]
         for k, ratios in zip(xs, per_k):
             ax.scatter([k] * len(ratios), ratios, s=10, color="0.65", zorder=2,
-                       label="each pair" if k == xs[0] and color == "tab:blue" else None)
+                       label="each run" if k == xs[0] and color == "tab:blue" else None)
             everything += ratios
         ax.plot(xs, [statistics.median(r) for r in per_k], "o-", color=color, zorder=3, label=name)
     ax.axhline(GOAL, color="tab:red", linestyle="--", linewidth=1, label=f"goal {GOAL}")
@@ -175,7 +213,7 @@ def _plot(path: Path, ks: list[int], series: dict[str, list[list[float]]], title
     ax.set_ylim(min(everything) - 0.03, max(everything) + 0.03)
     ax.set_xlabel("distinct vectors in the batch, K (0: plugin on, nothing steered)")
     ax.set_ylabel("output tokens/s / plain vLLM")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -191,8 +229,10 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 1, 8, 64, 256],
                         help="distinct vectors per batch to sweep (0: plugin on, no vector selected)")
     parser.add_argument("--scale", type=float, default=0.02, help="scale of every selected vector")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="A B B A cycles per round and K (each gives two plugin/plain pairs)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed runs per round and K (each gives one plugin/plain ratio)")
+    parser.add_argument("--slice-ms", type=float, default=250.0,
+                        help="length of each engine's turn within a timed run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled)")
     parser.add_argument("--compare-torch", action="store_true",
@@ -228,7 +268,12 @@ def main() -> None:
     if args.compare_torch:
         envs["torch"] = dict(base_env, ICV_VLLM_CPU_KERNEL="0")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # runs the cleanup below
-    engines = {name: _Engine(name, env, out.with_name(f"{out.stem}.{name}.log"), host_cpus)
+    def command(name: str) -> list[str]:
+        cmd = [sys.executable, __file__, "--engine", name] + sys.argv[1:]
+        # the model worker sets its own affinity (VLLM_CPU_OMP_THREADS_BIND) when it starts
+        return ["taskset", "-c", host_cpus] + cmd if host_cpus else cmd
+
+    engines = {name: _Engine(name, command(name), env, out.with_name(f"{out.stem}.{name}.log"))
                for name, env in envs.items()}
     try:
         for engine in engines.values():
@@ -236,23 +281,24 @@ def main() -> None:
             engine.pause()
         print(f"engines ready ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-        # rows[r]: one dict per timed pair (K, engine, cycle, half) of round r
+        # rows[r]: one dict per timed run and non-plain engine (K, engine, run) of round r
         rows: list[list[dict]] = []
+        runs = 0
         for r in range(args.rounds):
             rows.append([])
             for k in ks:
                 names = ["plain", "plugin"] + (["torch"] if "torch" in engines and k > 0 else [])
                 for name in names:
                     engines[name].ask("warm", k)
-                for cycle in range(args.repeats):
-                    order = names + names[::-1]  # A B (C C) B A
-                    tps = [engines[name].ask("time", k)["tokens_per_s"] for name in order]
-                    for half, part in enumerate((tps[: len(names)], tps[len(names):][::-1])):
-                        for name, value in zip(names[1:], part[1:]):
-                            rows[-1].append({"k": k, "engine": name, "cycle": cycle, "half": half,
-                                             "tokens_per_s": value, "plain_tokens_per_s": part[0],
-                                             "ratio": value / part[0]})
-                    print(f"round {r + 1} K={k}: " + ", ".join(f"{n} {t:.1f}" for n, t in zip(order, tps)) +
+                for run in range(args.repeats):
+                    order = names[runs % len(names):] + names[:runs % len(names)]  # who starts rotates
+                    runs += 1
+                    tps = _timed_run([engines[name] for name in order], k, args.slice_ms / 1000)
+                    for name in names[1:]:
+                        rows[-1].append({"k": k, "engine": name, "run": run, "first": order[0],
+                                         "tokens_per_s": tps[name], "plain_tokens_per_s": tps["plain"],
+                                         "ratio": tps[name] / tps["plain"]})
+                    print(f"round {r + 1} K={k}: " + ", ".join(f"{n} {tps[n]:.1f}" for n in names) +
                           f" tokens/s ({time.perf_counter() - t0:.0f} s)", flush=True)
         for engine in engines.values():
             engine.close()
@@ -272,12 +318,12 @@ def main() -> None:
         f"Model {Path(args.model).name}, CPU, {mode}, {args.num_prompts} requests at once x {args.max_tokens} "
         f"output tokens, greedy; " + (f"each engine's model worker on CPU {worker_cpus}, its engine core and front end "
         f"on CPU {host_cpus}; " if host_cpus else "") + f"K >= 1: every request steered, request i by vector i % K (all layers, scale "
-        f"{args.scale}). {args.rounds} rounds x {args.repeats} cycle(s) per K of timed generates in the order "
-        f"plain, plugin, plugin, plain (the engine not running stopped meanwhile); ratio = a plugin generate / the "
-        f"plain generate next to it, 2 pairs per cycle.",
+        f"{args.scale}). {args.rounds} rounds x {args.repeats} timed run(s) per K; in a run the engines make the same "
+        f"generate taking turns of {args.slice_ms:g} ms (the others stopped meanwhile), tokens/s = tokens / time it "
+        f"ran; ratio = the plugin's tokens/s / plain vLLM's in the same run.",
         "",
-        "| K (distinct vectors) | engine | best output tokens/s | plain best (pairs' plain runs) | "
-        "ratio per pair (sorted) | median ratio |",
+        "| K (distinct vectors) | engine | best output tokens/s | plain best (same runs) | "
+        "ratio per run (sorted) | median ratio |",
         "|---:|---|---:|---:|---|---:|",
     ]
     labels = {"plugin": "plugin, C kernel", "torch": "plugin, torch fallback"}
@@ -301,7 +347,7 @@ def main() -> None:
     series = {labels[n]: [ratios(k, n) for k in ks] for n in ("plugin", "torch") if n in engines}
     _plot(out.with_suffix(".png"), ks, series,
           f"{Path(args.model).name}, CPU ({mode}), {args.num_prompts} requests x {args.max_tokens} tokens, "
-          f"{len(ratios(ks[-1], 'plugin'))} pairs per K")
+          f"{len(ratios(ks[-1], 'plugin'))} runs/K")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 from ..config import ENV_DIR, steering_enabled
+from ..protocol import STEP_VECTORS_ATTR
 from .import_hooks import when_imported
 
 logger = logging.getLogger("vllm.icv_vllm")
@@ -276,6 +277,13 @@ def _after_prepare_inputs(original):
 
         if RUNTIME.ready:
             RUNTIME.prepare_step(self, scheduler_output, num_scheduled_tokens)
+        elif getattr(scheduler_output, STEP_VECTORS_ATTR, None) is not None:
+            # the engine core steers, this worker cannot: running the step would serve it unsteered
+            raise RuntimeError(
+                "icv: the engine core sent vectors to a worker without icv-vllm's settings (no vector "
+                f"directory in its configuration or environment). Workers started elsewhere (Ray actors) "
+                f"must get them: {ENV_DIR} through VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY=ICV_VLLM_ "
+                "(icv-vllm serve sets it), or --additional-config")
         return result
     return _prepare_inputs
 

