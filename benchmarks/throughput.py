@@ -16,15 +16,11 @@ Workload: --num-prompts requests sent at once, greedy, ignore_eos,
 every K: one short warm-up generate per engine (loads the vectors, fills the
 prefix cache alike for every engine and K), then --repeats timed runs. A timed
 run gives every engine the same generate and lets them take turns of
---slice-ms (each resumed, then stopped again: only one computes at a time)
-until all have finished; an engine's tokens/s is its tokens over the time it
-was running. Turns of a fraction of a second let both engines share every
-slow or fast spell of the shared machine, which whole generates in a row
-(seconds each) do not: on the 2-core machine this was written on, adjacent
-generates of one engine differed by up to 40 %, while in 28 of 30 sliced
-runs the two engines' ratio stayed within 0.96-1.04. The engine that starts
-a run alternates. The ratio of the plugin's tokens/s to plain
-vLLM's in each run is reported, and their median over all rounds.
+--slice-ms until all have finished (benchmarks/turns.py: only one computes at
+a time; an engine's tokens/s is its tokens over the time it ran), so they
+share every slow or fast spell of the shared machine. The engine that starts
+a run alternates. The ratio of the plugin's tokens/s to plain vLLM's in each
+run is reported, and their median over all rounds.
 Cores: with --worker-cpus (default: every CPU but the first, when there are
 at least 2), each engine's model worker computes on those CPUs
 (VLLM_CPU_OMP_THREADS_BIND) and everything else of it (engine core, the LLM
@@ -44,14 +40,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from turns import Engine, serve_commands, timed_run
 
 GOAL = 0.95
 
@@ -76,93 +72,16 @@ def _worker(args: argparse.Namespace) -> None:
                 for i in range(len(prompts))]
 
     llm.generate(prompts, params(0, args.max_tokens), use_tqdm=False)  # compiles the batch sizes
-    print("READY", file=results, flush=True)
-    for line in sys.stdin:  # "warm K" or "time K"
-        what, k = line.split()
+
+    def handle(command: str) -> dict:  # "warm K" or "time K"
+        what, k = command.split()
         if what == "warm":
             llm.generate(prompts, params(int(k), min(4, args.max_tokens)), use_tqdm=False)
-            print(json.dumps({"warm": int(k)}), file=results, flush=True)
-            continue
+            return {"warm": int(k)}
         outs = llm.generate(prompts, params(int(k), args.max_tokens), use_tqdm=False)
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        print(json.dumps({"k": int(k), "tokens": tokens}), file=results, flush=True)
+        return {"k": int(k), "tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
 
-
-class _Engine:
-    """An engine process (its own process group: the engine core with it) and its log file."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path):
-        self.name, self.log = name, log
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=log.open("w"), text=True, start_new_session=True)
-
-    def pause(self) -> None:
-        """Stops the engine and its engine-core process (its whole process group)."""
-        os.killpg(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGCONT)
-
-    def _answer(self) -> str:
-        line = self.proc.stdout.readline()
-        if not line:
-            tail = self.log.read_text()[-4000:]
-            sys.exit(f"engine {self.name} stopped (exit {self.proc.wait()}), log {self.log}:\n{tail}")
-        return line
-
-    def wait_ready(self) -> None:
-        assert self._answer().strip() == "READY"
-
-    def send(self, what: str, k: int) -> None:
-        """Queues one command ("warm" or "time" at K); a stopped engine reads it when resumed."""
-        self.proc.stdin.write(f"{what} {k}\n")
-        self.proc.stdin.flush()
-
-    def ask(self, what: str, k: int) -> dict:
-        """Runs the engine alone for one command, stopped again afterwards."""
-        self.send(what, k)
-        self.resume()
-        try:
-            return json.loads(self._answer())
-        finally:
-            self.pause()
-
-    def run_for(self, seconds: float) -> tuple[float, dict | None]:
-        """Lets the engine run for up to `seconds` or until it answers, then stops
-        it. Returns the time it ran and its answer (None if it has not answered)."""
-        start = time.perf_counter()
-        self.resume()
-        try:
-            answered, _, _ = select.select([self.proc.stdout], [], [], seconds)
-        finally:
-            self.pause()
-        ran = time.perf_counter() - start
-        # the answer is one small line written at once; an engine that died answers EOF
-        return ran, (json.loads(self._answer()) if answered else None)
-
-    def close(self) -> None:
-        self.resume()
-        self.proc.stdin.close()
-        self.proc.wait()
-
-
-def _timed_run(engines: list[_Engine], k: int, slice_s: float) -> dict[str, float]:
-    """One timed generate at K on every engine, the engines taking turns of
-    slice_s in the given order until each has answered. Returns each engine's
-    output tokens per second of the time it ran."""
-    for engine in engines:
-        engine.send("time", k)
-    ran = {engine.name: 0.0 for engine in engines}
-    tokens_per_s: dict[str, float] = {}
-    while len(tokens_per_s) < len(engines):
-        for engine in engines:
-            if engine.name in tokens_per_s:
-                continue
-            seconds, answer = engine.run_for(slice_s)
-            ran[engine.name] += seconds
-            if answer is not None:
-                tokens_per_s[engine.name] = answer["tokens"] / ran[engine.name]
-    return tokens_per_s
+    serve_commands(handle, results)
 
 
 def _cpu_list(text: str) -> set[int]:
@@ -273,12 +192,11 @@ def main() -> None:
         # the model worker sets its own affinity (VLLM_CPU_OMP_THREADS_BIND) when it starts
         return ["taskset", "-c", host_cpus] + cmd if host_cpus else cmd
 
-    engines = {name: _Engine(name, command(name), env, out.with_name(f"{out.stem}.{name}.log"))
+    engines = {name: Engine(name, command(name), env, out.with_name(f"{out.stem}.{name}.log"))
                for name, env in envs.items()}
     try:
         for engine in engines.values():
             engine.wait_ready()
-            engine.pause()
         print(f"engines ready ({time.perf_counter() - t0:.0f} s)", flush=True)
 
         # rows[r]: one dict per timed run and non-plain engine (K, engine, run) of round r
@@ -289,11 +207,11 @@ def main() -> None:
             for k in ks:
                 names = ["plain", "plugin"] + (["torch"] if "torch" in engines and k > 0 else [])
                 for name in names:
-                    engines[name].ask("warm", k)
+                    engines[name].ask(f"warm {k}")
                 for run in range(args.repeats):
                     order = names[runs % len(names):] + names[:runs % len(names)]  # who starts rotates
                     runs += 1
-                    tps = _timed_run([engines[name] for name in order], k, args.slice_ms / 1000)
+                    tps = timed_run([(engines[name], f"time {k}") for name in order], args.slice_ms / 1000)
                     for name in names[1:]:
                         rows[-1].append({"k": k, "engine": name, "run": run, "first": order[0],
                                          "tokens_per_s": tps[name], "plain_tokens_per_s": tps["plain"],
@@ -304,8 +222,7 @@ def main() -> None:
             engine.close()
     finally:  # an engine left stopped would never exit
         for engine in engines.values():
-            if engine.proc.poll() is None:
-                os.killpg(engine.proc.pid, signal.SIGKILL)
+            engine.kill()
 
     mode = "eager" if args.eager else "compiled"
     flat = [row for round_rows in rows for row in round_rows]

@@ -1,5 +1,5 @@
-"""benchmarks/throughput.py's timed run without vLLM: fake engines that burn CPU take turns,
-each counted only for the time it ran."""
+"""benchmarks/turns.py without vLLM: fake engines that burn CPU take turns, each counted only
+for the time it ran."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
-throughput = importlib.import_module("throughput")
+turns = importlib.import_module("turns")
 
 # Answers "time K" after `WORK_S` seconds of its own CPU time, logging a timestamp every few ms.
 FAKE_ENGINE = """
@@ -49,11 +49,11 @@ def test_timed_run_lets_engines_take_turns_and_counts_only_their_own_time(tmp_pa
     try:
         for name in ("plain", "plugin"):
             cmd = [sys.executable, "-c", FAKE_ENGINE.format(work_s=WORK_S), str(tmp_path / f"{name}.stamps")]
-            engine = throughput._Engine(name, cmd, {}, tmp_path / f"{name}.log")
+            engine = turns.Engine(name, cmd, {}, tmp_path / f"{name}.log")
             engine.pause()
             engines.append(engine)
         start = time.perf_counter()
-        tokens_per_s = throughput._timed_run(engines, 8, SLICE_S)
+        tokens_per_s = turns.timed_run([(engine, "time 8") for engine in engines], SLICE_S)
         whole = time.perf_counter() - start
     finally:
         for engine in engines:
