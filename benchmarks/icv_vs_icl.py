@@ -302,7 +302,7 @@ def main() -> None:
     def goal_ratio(n: int) -> float:
         return statistics.median(in_turns[f"icl {n}"]) if in_turns else ratio("icv", f"icl {n}")
 
-    verdicts = [f"{n} pairs: {'met' if goal_ratio(n) >= GOAL else 'not met'} ({goal_ratio(n):.2f}x)" for n in counts]
+    verdicts = [f"{n} pairs: {'met' if goal_ratio(n) >= GOAL else 'not met'} ({goal_ratio(n):.3f}x)" for n in counts]
     caching = "off" if args.no_prefix_caching else (
         f"on (vLLM default): every ICL prompt's demonstrations are a shared prefix, cached in full "
         f"{block_size}-token blocks after the warm-up")

@@ -281,7 +281,7 @@ def _after_prepare_inputs(original):
             # the engine core steers, this worker cannot: running the step would serve it unsteered
             raise RuntimeError(
                 "icv: the engine core sent vectors to a worker without icv-vllm's settings (no vector "
-                f"directory in its configuration or environment). Workers started elsewhere (Ray actors) "
+                "directory in its configuration or environment). Workers started elsewhere (Ray actors) "
                 f"must get them: {ENV_DIR} through VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY=ICV_VLLM_ "
                 "(icv-vllm serve sets it), or --additional-config")
         return result
