@@ -78,14 +78,21 @@ class Engine:
         return ran, (json.loads(self._answer()) if answered else None)
 
     def close(self) -> None:
+        """Ends the engine (stdin closed) and then whatever of its process group is
+        left: an engine that leaves without vLLM's teardown (quality.leave_now)
+        leaves its engine-core process behind."""
         self.resume()
         self.proc.stdin.close()
         self.proc.wait()
+        self.kill()
 
     def kill(self) -> None:
-        """For cleanup: an engine left stopped would never exit."""
-        if self.proc.poll() is None:
+        """Kills the engine's process group (cleanup: an engine left stopped would never exit)."""
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the group is gone already
+            pass
+        self.proc.wait()
 
 
 def timed_run(commands: list[tuple[Engine, str]], slice_s: float) -> dict[str, float]:

@@ -71,3 +71,28 @@ def test_timed_run_lets_engines_take_turns_and_counts_only_their_own_time(tmp_pa
     # both running together on the 2 cores would interleave their stamps one by one
     assert len(blocks) >= 4, blocks
     assert sum(blocks) / len(blocks) >= 8, blocks
+
+
+def test_close_ends_what_the_engine_left_behind(tmp_path):
+    """An engine that exits without vLLM's teardown leaves its engine core running;
+    close() ends its whole process group."""
+    leaver = ("import subprocess, sys, os\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "print(child.pid, flush=True)\n"
+              "sys.stdin.read()\n"
+              "os._exit(0)\n")
+    engine = turns.Engine("leaver", [sys.executable, "-c", leaver], {}, tmp_path / "leaver.log")
+    left_behind = int(engine.proc.stdout.readline())
+    engine.close()
+    deadline = time.monotonic() + 10
+    while _running(left_behind) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(left_behind)
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (killed, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
