@@ -170,9 +170,18 @@ DEFAULT_SWEEP = {"scales": [0.01, 0.02, 0.04, 0.08, 0.15], "combo": [0.04]}
 
 def leave_now() -> None:
     """End a child process whose engine phase has written its results, without the interpreter's
-    teardown: vLLM's threads can abort it ("terminate called without an active exception")."""
+    teardown: vLLM's threads can abort it ("terminate called without an active exception").
+    vLLM's engine-core process would outlive it (it does not watch its parent), so it is killed
+    first, with whatever else this process started."""
+    import psutil  # a vLLM requirement
+
     sys.stdout.flush()
     sys.stderr.flush()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
     os._exit(0)
 
 
