@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
+from .processes import ends_soon
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -23,14 +22,4 @@ def test_leave_now_takes_the_engine_core_with_it():
     phase = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert phase.returncode == 0, phase.stderr
     left_behind = int(phase.stdout.split()[0])
-    deadline = time.monotonic() + 10
-    while _running(left_behind) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _running(left_behind)
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert ends_soon(left_behind)

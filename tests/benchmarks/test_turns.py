@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
+from .processes import ends_soon
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -86,15 +86,4 @@ def test_close_ends_what_the_engine_left_behind(tmp_path):
     engine = turns.Engine("leaver", [sys.executable, "-c", leaver], {}, tmp_path / "leaver.log")
     left_behind = int(engine.proc.stdout.readline())
     engine.close()
-    deadline = time.monotonic() + 10
-    while _running(left_behind) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _running(left_behind)
-
-
-def _running(pid: int) -> bool:
-    """Whether the process exists and is not a zombie (killed, not yet reaped)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert ends_soon(left_behind)
