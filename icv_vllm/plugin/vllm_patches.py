@@ -13,7 +13,9 @@ nothing.
 Inert unless configured: every wrapper first asks ``steering_enabled`` and,
 without a vector directory, calls vLLM's original and nothing else; no
 environment variable is changed, no layer class swapped, no kernel launched,
-no metric created. One change is made at import time, because it cannot wait
+no metric created. (An unconfigured worker still reads one attribute per
+step: a step that carries vectors, which only a configured engine core
+sends, is refused rather than run unsteered; see ``_after_prepare_inputs``.) One change is made at import time, because it cannot wait
 for the configuration: ``SCHED_STATS_FIELD`` (see there), and only where the
 vector directory is in the environment (``ICV_VLLM_DIR``, which
 ``icv-vllm serve`` exports to every process it starts).
