@@ -9,6 +9,8 @@ engine's speed is the work it reports over the time it ran. Turns that short let
 share every slow or fast spell of the machine, which whole runs one after another (seconds
 each) do not: on the 2-core machine this was written on, adjacent generates of one engine
 differed by up to 40 %, the engines' ratio within one run of turns mostly by under 4 %.
+Only the time both are still running is paired: when one engine's work is much shorter, the
+other runs the rest alone, and a ratio far from 1 spreads more.
 """
 
 from __future__ import annotations
