@@ -187,6 +187,7 @@ def main() -> None:
     if args.compare_torch:
         envs["torch"] = dict(base_env, ICV_VLLM_CPU_KERNEL="0")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # runs the cleanup below
+
     def command(name: str) -> list[str]:
         cmd = [sys.executable, __file__, "--engine", name] + sys.argv[1:]
         # the model worker sets its own affinity (VLLM_CPU_OMP_THREADS_BIND) when it starts

@@ -80,9 +80,9 @@ class Engine:
         return ran, (json.loads(self._answer()) if answered else None)
 
     def close(self) -> None:
-        """Ends the engine (stdin closed) and then whatever of its process group is
-        left: an engine that leaves without vLLM's teardown (quality.leave_now)
-        leaves its engine-core process behind."""
+        """Ends the engine (stdin closed), then whatever of its process group is
+        left: vLLM's engine-core process outlives an engine that exits without
+        vLLM's teardown and without killing it first (quality.leave_now does)."""
         self.resume()
         self.proc.stdin.close()
         self.proc.wait()
